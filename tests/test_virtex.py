@@ -1,0 +1,318 @@
+"""virtex.py: tokenizer, data, model, decoding, optimisation and checkpoints behave like the paper's code."""
+import pickle
+import re
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import virtex
+from conftest import write_coco
+
+HEAD_KEYS = ["visual_projection.weight", "visual_projection.bias", "embedding.words.weight", "embedding.positions.weight",
+             "embedding.layer_norm.weight", "embedding.layer_norm.bias"] + [
+    f"transformer.layers.0.{name}" for name in (
+        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
+        "multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias", "multihead_attn.out_proj.weight",
+        "multihead_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+        "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias")] + [
+    "output.weight", "output.bias"]
+
+
+def official_keys():
+    """The 370 state-dict keys of the official bicaptioning_R_50_L1_H2048 checkpoints, in order."""
+    cnn = [f"visual.cnn.{k}" for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")]
+    return cnn + [f"textual.{k}" for k in HEAD_KEYS] + [f"backward_textual.{k}" for k in HEAD_KEYS]
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+def test_tokenizer_has_the_official_special_ids(tokenizer):
+    assert [tokenizer.sp.id_to_piece(i) for i in range(4)] == ["<unk>", "[SOS]", "[EOS]", "[MASK]"]
+    assert len(tokenizer) == 64
+
+
+def test_tokenizer_round_trips_and_normalises_like_training(tokenizer):
+    ids = tokenizer.encode("A Large RED circle left of a blue square")
+    assert min(ids) >= 4 and virtex.SOS not in ids and virtex.EOS not in ids
+    assert tokenizer.decode(ids) == "a large red circle left of a blue square"
+    assert tokenizer.encode("a réd círcle") == tokenizer.encode("a red circle")
+    assert tokenizer.decode([virtex.SOS, *ids, virtex.EOS]) == tokenizer.decode(ids)
+
+
+def test_tokenizer_pickles_for_dataloader_workers(tokenizer):
+    clone = pickle.loads(pickle.dumps(tokenizer))
+    assert clone.encode("two small green triangles") == tokenizer.encode("two small green triangles")
+
+
+def test_tokenizer_reports_a_vocabulary_too_large_for_the_corpus():
+    with pytest.raises(ValueError, match="5000-token vocabulary"):
+        virtex.Tokenizer.train(["a red circle", "a blue square"], vocab_size=5000)
+
+
+# -- data --------------------------------------------------------------------------------------
+
+def test_flip_swaps_left_and_right_words_only():
+    assert virtex.swap_left_right("a bright car left of a tree, right?") == "a bright car right of a tree, left?"
+    assert virtex.swap_left_right("upright leftover") == "upright leftover"
+
+
+def test_dataset_groups_captions_and_pads_batches(coco, tokenizer, cfg):
+    data = virtex.CocoCaptions(coco, "train", tokenizer, cfg)
+    assert len(data) == 12 and all(len(caps) == 3 for _, caps in data.items)
+    image, tokens = data[(0, 123)]
+    assert image.shape == (3, 64, 64)
+    assert tokens[0] == virtex.SOS and tokens[-1] == virtex.EOS
+    images, padded, lengths = virtex.collate([data[(i, i)] for i in range(4)])
+    assert images.shape == (4, 3, 64, 64) and padded.shape == (4, lengths.max())
+    assert all((padded[i, lengths[i]:] == 0).all() and padded[i, lengths[i] - 1] == virtex.EOS for i in range(4))
+
+
+def test_samples_are_a_function_of_their_seed(coco, tokenizer, cfg):
+    data = virtex.CocoCaptions(coco, "train", tokenizer, cfg)
+    a, b, c = data[(3, 7)], data[(3, 7)], data[(3, 8)]
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+def test_long_captions_are_cut_to_max_length_without_eos(tmp_path, tokenizer, cfg):
+    write_coco(tmp_path, "val", 1)
+    data = virtex.CocoCaptions(tmp_path, "val", tokenizer, cfg, train=False)
+    data.items[0] = (data.items[0][0], [" ".join(["red circle"] * 40)])
+    tokens = data[(0, 0)][1]
+    assert len(tokens) == 30 and tokens[0] == virtex.SOS and virtex.EOS not in tokens.tolist()
+
+
+def test_stream_shards_every_global_batch_disjointly_and_resumes():
+    full = list(virtex.Stream(10, 4, seed=0, start=0, stop=6))
+    ranks = [list(virtex.Stream(10, 4, seed=0, start=0, stop=6, rank=r, world=2)) for r in range(2)]
+    for i, batch in enumerate(full):
+        assert ranks[0][i] + ranks[1][i] == batch
+    assert list(virtex.Stream(10, 4, seed=0, start=3, stop=6)) == full[3:]
+    first_pass = [index for batch in full[:2] for index, _ in batch] + [index for index, _ in full[2][:2]]
+    assert sorted(first_pass) == list(range(10))  # one full pass before any image repeats
+    assert list(virtex.Stream(10, 4, seed=1, start=0, stop=6)) != full
+
+
+def test_missing_annotation_file_is_named(tmp_path, tokenizer, cfg):
+    with pytest.raises(FileNotFoundError, match="captions_train2017.json"):
+        virtex.CocoCaptions(tmp_path, "train", tokenizer, cfg)
+
+
+# -- model -------------------------------------------------------------------------------------
+
+def captions(*rows):
+    """Right-padded [SOS] .. [EOS] batch from lists of word ids."""
+    seqs = [torch.tensor([virtex.SOS, *r, virtex.EOS]) for r in rows]
+    return nn.utils.rnn.pad_sequence(seqs, batch_first=True)
+
+
+def test_shapes(model, cfg):
+    images = torch.randn(2, 3, 64, 64)
+    assert model.visual(images).shape == (2, 512, 2, 2)
+    out = model(images, captions([5, 6, 7], [8]))
+    assert set(out) == {"loss", "loss_forward", "loss_backward"} and out["loss"].shape == ()
+    assert torch.allclose(out["loss"], out["loss_forward"] + out["loss_backward"])
+
+
+def test_reversed_captions_start_with_eos_and_keep_padding():
+    tokens = captions([5, 6, 7], [8])
+    reversed_ = virtex.reverse_captions(tokens, virtex.lengths_of(tokens))
+    assert reversed_.tolist() == [[2, 7, 6, 5, 1], [2, 8, 1, 0, 0]]
+
+
+def test_backward_head_shares_all_but_its_decoder(model):
+    f, b = model.textual, model.backward_textual
+    assert b.embedding is f.embedding and b.visual_projection is f.visual_projection and b.output is f.output
+    assert f.output.weight is f.embedding.words.weight
+    assert all(torch.equal(p, q) and p is not q for p, q in zip(f.transformer.parameters(), b.transformer.parameters()))
+
+
+def hidden_states(head, model, images, tokens):
+    return head(head.project(model.visual(images)), tokens)
+
+
+def test_forward_head_cannot_see_later_words(model):
+    model.eval()
+    images = torch.randn(1, 3, 64, 64)
+    a, b = captions([5, 6, 7, 8]), captions([5, 6, 9, 10])  # differ from position 3 on
+    ha, hb = hidden_states(model.textual, model, images, a), hidden_states(model.textual, model, images, b)
+    assert torch.allclose(ha[:, :3], hb[:, :3], atol=1e-6)
+    assert not torch.allclose(ha[:, 3:], hb[:, 3:], atol=1e-3)
+
+
+def test_backward_head_cannot_see_earlier_words(model):
+    model.eval()
+    images = torch.randn(1, 3, 64, 64)
+    a, b = captions([5, 6, 7, 8]), captions([9, 10, 7, 8])  # differ before position 3
+    rev = lambda t: virtex.reverse_captions(t, virtex.lengths_of(t))  # [EOS] 8 7 w2 w1 [SOS]
+    ha, hb = (hidden_states(model.backward_textual, model, images, rev(t)) for t in (a, b))
+    assert torch.allclose(ha[:, :3], hb[:, :3], atol=1e-6)
+    assert not torch.allclose(ha[:, 3:], hb[:, 3:], atol=1e-3)
+
+
+def test_padding_does_not_change_the_loss(model):
+    model.eval()
+    images = torch.randn(1, 3, 64, 64)
+    alone = model(images, captions([5, 6]))["loss"]
+    padded = model(images, torch.cat([captions([5, 6]), torch.zeros(1, 7, dtype=torch.long)], 1))["loss"]
+    torch.testing.assert_close(alone, padded)
+
+
+def test_padding_and_unknown_positions_embed_to_zero(model):
+    tokens = torch.tensor([[virtex.SOS, 5, virtex.UNK, 6, virtex.EOS, 0, 0]])
+    x = model.textual.embedding(tokens)
+    assert (x[0, [2, 5, 6]] == 0).all() and (x[0, [0, 1, 3, 4]] != 0).any(-1).all()
+
+
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+def test_decoder_layer_equals_torch_transformer_decoder_layer():
+    """The official heads are nn.TransformerDecoderLayer: ours must compute the same function."""
+    torch.manual_seed(0)
+    for norm_first in (False, True):
+        theirs = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, activation="gelu", batch_first=True, norm_first=norm_first).eval()
+        ours = virtex.DecoderLayer(32, 4, 64, 0.1, norm_first).eval()
+        ours.load_state_dict(theirs.state_dict())
+        x, memory = torch.randn(3, 6, 32), torch.randn(3, 5, 32)
+        lengths = torch.tensor([6, 4, 2])
+        padding = torch.arange(6)[None] >= lengths[:, None]
+        expected = theirs(x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_key_padding_mask=padding)
+        got = ours(x, memory, causal=True, mask=None)
+        for i, n in enumerate(lengths):  # positions beyond a caption's length are never used
+            torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_one_batch_overfits(model, cfg):
+    torch.manual_seed(0)
+    images, tokens = torch.randn(4, 3, 64, 64), captions([5, 6, 7], [8, 9], [10, 11, 12, 13], [14])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(80):
+        loss = model(images, tokens)["loss"]
+        first = first or loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1 * first
+
+
+# -- decoding ----------------------------------------------------------------------------------
+
+def table_scorer(table, vocab=6):
+    """A hand-made model: log-probs of the next token given the previous one."""
+    def logprobs(tokens):
+        out = torch.full((len(tokens), vocab), -20.0)
+        for row, prev in enumerate(tokens[:, -1].tolist()):
+            for tok, p in table.get(prev, {virtex.EOS: 1.0}).items():
+                out[row, tok] = torch.tensor(p).log()
+        return out
+    return logprobs
+
+
+def test_beam_search_finds_the_best_sequence_greedy_misses():
+    # Greedy takes 4 (0.6) then anything at 0.34; beam search finds 5 -> 5-chain at 0.4 * 1.0.
+    table = {virtex.SOS: {4: 0.6, 5: 0.4}, 4: {virtex.EOS: 0.34, 4: 0.33, 5: 0.33}, 5: {virtex.EOS: 1.0}}
+    assert virtex.beam_search(table_scorer(table), 1, beam=1) == [[4]]
+    assert virtex.beam_search(table_scorer(table), 1, beam=2) == [[5]]
+
+
+def test_nucleus_sampling_with_tiny_p_is_greedy(model):
+    model.eval()
+    images = torch.randn(2, 3, 64, 64)
+    greedy = model.caption(images, beam=1, max_steps=8)
+    assert model.caption(images, nucleus=1e-6, max_steps=8) == greedy
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+def test_lookahead_equals_hand_computation():
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = virtex.LookAhead(torch.optim.SGD([w], lr=0.1), k=2, alpha=0.5)
+    expected, slow = torch.tensor([1.0, -2.0]), torch.tensor([1.0, -2.0])
+    for step in range(1, 7):
+        w.grad = torch.tensor([0.5, 1.0]) * step
+        opt.step()
+        expected = expected - 0.1 * torch.tensor([0.5, 1.0]) * step
+        if step % 2 == 0:
+            expected = slow = 0.5 * expected + 0.5 * slow
+        assert torch.equal(w.detach(), expected), step
+
+
+def run_lookahead(steps, resume_at=None):
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(5))
+    make = lambda: virtex.LookAhead(torch.optim.SGD([w], lr=0.1, momentum=0.9), k=5, alpha=0.5)
+    opt = make()
+    for step in range(steps):
+        if step == resume_at:
+            state = opt.state_dict()
+            opt = make()  # a fresh process: new optimizer, same weights
+            opt.load_state_dict(state)
+        w.grad = torch.sin(w.detach() * (step + 1))
+        opt.step()
+    return w.detach().clone()
+
+
+def test_lookahead_resumes_exactly_mid_cycle():
+    assert torch.equal(run_lookahead(13, resume_at=7), run_lookahead(13))
+
+
+def test_lr_schedule_values():
+    m = lambda s: virtex.lr_multiplier(s, 10_000, 500_000)
+    assert m(0) == 0 and m(5_000) == 0.5 and m(10_000) == 1.0
+    assert m(255_000) == pytest.approx(0.5) and m(500_000) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_decay_set_equals_official_regex_on_official_keys():
+    official = re.compile(r".*textual.(embedding|transformer).*(norm.*|bias)")
+    keys = [k for k in official_keys() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert [k for k in keys if virtex.no_weight_decay(k)] == [k for k in keys if official.match(k)]
+    assert sum(map(virtex.no_weight_decay, keys)) == 2 + 2 * 12 + 2  # embedding LN + decoder norms/biases, both heads
+
+
+def test_param_groups_split_cnn_and_decay(model, cfg):
+    groups = virtex.param_groups(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            assert (g["lr"] == cfg.cnn_lr) == ("cnn" in names[id(p)])
+            assert (g["weight_decay"] == 0) == virtex.no_weight_decay(names[id(p)])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+def test_state_dict_has_the_official_layout():
+    assert list(virtex.VirTex().state_dict()) == official_keys()
+
+
+def test_official_checkpoint_loads_with_from_official(tmp_path, model):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state = model.state_dict()
+    torch.save({"model": state, "optimizer": {}, "iteration": 10}, tmp_path / "official.pth")
+    loaded = virtex.from_official(tmp_path / "official.pth", heads=2)
+    assert loaded.cfg.backbone == "resnet18" and loaded.cfg.hidden == 32 and loaded.cfg.vocab_size == 64
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
+    deduplicated = {k: v for k, v in state.items() if not k.startswith(("backward_textual.embedding", "textual.output.weight"))}
+    torch.save(deduplicated, tmp_path / "bare.pth")
+    assert torch.equal(virtex.from_official(tmp_path / "bare.pth", heads=2).textual.output.weight, state["textual.output.weight"])
+
+
+def test_saved_checkpoint_round_trips_with_its_vocabulary(tmp_path, model, tokenizer, cfg):
+    from dataclasses import asdict
+    virtex.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": asdict(cfg), "vocab": tokenizer.model})
+    loaded, tok = virtex.load_model(tmp_path / "ckpt.pt")
+    assert loaded.cfg == cfg and tok.encode("a red circle") == tokenizer.encode("a red circle")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
+    (tmp_path / "notes.pt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.pt"):
+        virtex.load_model(tmp_path / "notes.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a VirTex checkpoint"):
+        virtex.load_model(tmp_path / "other.pt")

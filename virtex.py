@@ -1,0 +1,736 @@
+"""VirTex in one file: learn a ResNet from image captions by "bicaptioning".
+
+Desai & Johnson, "VirTex: Learning Visual Representations from Textual Annotations",
+CVPR 2021 (arXiv 2006.06666); official code: https://github.com/kdexd/virtex.
+
+A ResNet turns an image into a grid of features (7x7x2048 for R-50 at 224 px). A forward
+Transformer decoder reads the caption left to right and a backward one right to left, both
+attending to the grid; the loss is the sum of their next-token cross-entropies. After
+pretraining the heads are thrown away and the ResNet is the product (probe.py judges it).
+
+Reading order = data flow: tokenizer -> COCO captions + transforms -> visual backbone ->
+textual head -> VirTex model (loss, decoding) -> LookAhead, parameter groups, LR schedule ->
+checkpoints (ours and official) -> the built-in toy world.
+
+Deliberate differences from the official code (the README says why):
+- the flip augmentation swaps the *words* "left"/"right", not every substring ("bright" stays);
+- the LookAhead slow weights and step counter are checkpointed, so a resume is exact;
+- data order and augmentation are a function of (seed, iteration, sample), not of process
+  history, so a resumed run (or one on another number of GPUs) sees the same batches;
+- attention is causal-only (captions are right-padded, so no valid query ever sees padding)
+  and output logits are computed only where a target exists: same loss, less work;
+- decoding keeps [SOS] in front of the generated tokens at every step, as in training.
+"""
+import copy
+import io
+import json
+import math
+import os
+import random
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import nn
+
+PAD = UNK = 0  # the official vocabulary pads with <unk>: an unknown word is ignored like padding
+SOS, EOS, MASK = 1, 2, 3
+TASKS = ("bicaptioning", "captioning", "masked_lm", "token_classification", "multilabel_classification")
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Defaults are the paper's best model, bicaptioning_R_50_L1_H2048."""
+    # model
+    task: str = "bicaptioning"
+    backbone: str = "resnet50"  # any torchvision ResNet
+    layers: int = 1
+    hidden: int = 2048
+    heads: int = None  # None: hidden // 64, the official convention
+    feedforward: int = None  # None: 4 * hidden
+    norm_first: bool = False  # the paper's heads are post-norm
+    dropout: float = 0.1
+    vocab_size: int = 10_000
+    max_length: int = 30  # tokens per caption, [SOS] and [EOS] included
+    # data
+    image_size: int = 224
+    crop_scale: float = 0.2  # smallest area fraction of the random resized crop
+    max_images: int = None  # pretrain on the first N images only (data-efficiency studies)
+    batch_size: int = 256  # global: split across processes
+    workers: int = 4  # DataLoader processes per training process
+    # optimisation
+    optimizer: str = "sgd"  # "adamw" is the official code's other choice
+    lr: float = 1e-3  # everything but the CNN
+    cnn_lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lookahead_k: int = 5
+    lookahead_alpha: float = 0.5
+    clip_grad: float = 10.0
+    warmup: int = 10_000
+    iterations: int = 500_000
+    seed: int = 0
+
+    def __post_init__(self):
+        self.heads = self.heads or self.hidden // 64 or 1
+        self.feedforward = self.feedforward or 4 * self.hidden
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
+        if self.image_size < 32:
+            raise ValueError(f"image size {self.image_size} is too small: a ResNet needs at least 32 px")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer: SentencePiece BPE, trained on normalised COCO captions (spec section 3)
+
+def normalize(text):
+    """Lowercase and strip accents: what the official code does to every caption it reads."""
+    text = unicodedata.normalize("NFKD", text.lower())
+    return "".join(c for c in text if not unicodedata.combining(c))
+
+
+class Tokenizer:
+    """BPE vocabulary with the official ids: <unk> (= padding) 0, [SOS] 1, [EOS] 2, [MASK] 3.
+
+    Holds the SentencePiece model as bytes, so it pickles into DataLoader workers and travels
+    inside every checkpoint."""
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+
+    @classmethod
+    def train(cls, captions, prefix=None, vocab_size=10_000):
+        """Train on an iterable of captions (the official trainer flags); write PREFIX.model."""
+        buffer = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(normalize(c) for c in captions), model_writer=buffer,
+                model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
+                bos_id=-1, eos_id=-1, control_symbols=["[SOS]", "[EOS]", "[MASK]"], minloglevel=2)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high (10000). Please set it to a value <= 242."
+            raise ValueError(f"cannot build a {vocab_size}-token vocabulary from these captions: {e}") from None
+        if prefix is not None:
+            Path(f"{prefix}.model").write_bytes(buffer.getvalue())
+        return cls(buffer.getvalue())
+
+    def encode(self, text):
+        return self.sp.encode(normalize(text))
+
+    def decode(self, ids):
+        return self.sp.decode([int(i) for i in ids])
+
+    def __len__(self):
+        return len(self.sp)
+
+    def __getstate__(self):
+        return {"model": self.model}
+
+    def __setstate__(self, state):
+        self.__init__(state["model"])
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO Captions: ROOT/annotations/captions_{split}2017.json + ROOT/{split}2017/*.jpg
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
+
+
+def swap_left_right(caption):
+    """The flip augmentation's caption edit (paper section 3.2): whole words only."""
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m[0] == "left" else "left", caption)
+
+
+def random_resized_crop(image, size, scale, generator, ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop, drawing from an explicit generator."""
+    width, height = image.size
+    area = width * height
+    for _ in range(10):
+        u = torch.rand(2, generator=generator).tolist()
+        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
+        aspect = math.exp(math.log(ratio[0]) + u[1] * (math.log(ratio[1]) - math.log(ratio[0])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
+    return TF.center_crop(TF.resize(image, size, antialias=True), size)
+
+
+def color_jitter(image, generator, strength=(0.4, 0.4, 0.4, 0.1)):
+    """ColorJitter(0.4, 0.4, 0.4, 0.1): the four adjustments in random order."""
+    b, c, s, h = strength
+    u = torch.rand(4, generator=generator).tolist()
+    adjust = [lambda im: TF.adjust_brightness(im, 1 - b + 2 * b * u[0]),
+              lambda im: TF.adjust_contrast(im, 1 - c + 2 * c * u[1]),
+              lambda im: TF.adjust_saturation(im, 1 - s + 2 * s * u[2]),
+              lambda im: TF.adjust_hue(im, -h + 2 * h * u[3])]
+    for i in torch.randperm(4, generator=generator).tolist():
+        image = adjust[i](image)
+    return image
+
+
+def to_tensor(image):
+    return TF.normalize(TF.to_tensor(image), MEAN, STD)
+
+
+def train_transform(image, caption, size, crop_scale, generator):
+    """Paper section 3.2: random resized crop, flip (with the caption), colour jitter."""
+    image = random_resized_crop(image, size, (crop_scale, 1.0), generator)
+    if torch.rand(1, generator=generator) < 0.5:
+        image, caption = TF.hflip(image), swap_left_right(caption)
+    if torch.rand(1, generator=generator) < 0.8:
+        image = color_jitter(image, generator)
+    return to_tensor(image), caption
+
+
+def eval_transform(image, resize, size):
+    """Short side to `resize`, centre crop `size`: 224/224 for pretraining val, 256/224 downstream."""
+    return to_tensor(TF.center_crop(TF.resize(image, resize, antialias=True), size))
+
+
+def load_image(path, size=None):
+    """Any image as RGB; with `size`, JPEGs decode at the smallest power-of-2 scale still >= size."""
+    with Image.open(path) as image:
+        if size is not None:
+            image.draft("RGB", (size, size))
+        return image.convert("RGB")
+
+
+def read_json(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_captions(root, split):
+    """[(image path, [captions])] in order of first appearance, as the official dataset groups them."""
+    root = Path(root)
+    data = read_json(root / "annotations" / f"captions_{split}2017.json", f"COCO {split} captions")
+    files = {image["id"]: image["file_name"] for image in data["images"]}
+    captions = {}
+    for ann in data["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    return [(root / f"{split}2017" / files[i], caps) for i, caps in captions.items()]
+
+
+class CocoCaptions(torch.utils.data.Dataset):
+    """One image and one of its captions, as (image, [SOS] tokens [EOS]).
+
+    Indexed by (image index, seed): the seed alone decides the caption drawn and the augmentation,
+    so a sample is a pure function of its place in the run (see `Stream`)."""
+
+    def __init__(self, root, split, tokenizer, cfg, train=True):
+        self.items = read_captions(root, split)[:cfg.max_images]
+        self.tokenizer, self.train = tokenizer, train
+        self.size, self.crop_scale, self.max_length = cfg.image_size, cfg.crop_scale, cfg.max_length
+        # Decode only as many JPEG pixels as the smallest crop can use.
+        self.decode_size = math.ceil(self.size / math.sqrt(cfg.crop_scale)) if train else self.size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, seed = key
+        generator = torch.Generator().manual_seed(seed)
+        path, captions = self.items[index]
+        caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
+        image = load_image(path, self.decode_size)
+        if self.train:
+            image, caption = train_transform(image, caption, self.size, self.crop_scale, generator)
+        else:
+            image = eval_transform(image, self.size, self.size)
+        # Truncation keeps the first max_length ids: a cut caption has no [EOS], as in the official.
+        tokens = [SOS, *self.tokenizer.encode(caption), EOS][:self.max_length]
+        return image, torch.tensor(tokens)
+
+
+def collate(batch):
+    """Stack images; right-pad token sequences with 0 to the longest in the batch."""
+    images, tokens = zip(*batch)
+    lengths = torch.tensor([len(t) for t in tokens])
+    return torch.stack(images), nn.utils.rnn.pad_sequence(tokens, batch_first=True), lengths
+
+
+class Stream(torch.utils.data.Sampler):
+    """Endless shuffled passes over `n` images, cut into global batches of `batch_size`.
+
+    Batch i is a pure function of (seed, i): each of `world` processes takes its disjoint slice,
+    and each sample carries a seed of its own for the caption draw and the augmentation. A run
+    resumed at iteration i therefore sees exactly what the uninterrupted run saw."""
+
+    def __init__(self, n, batch_size, seed, start, stop, rank=0, world=1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start, self.stop, self.rank, self.world = start, stop, rank, world
+        self._epoch, self._order = None, None
+
+    def order(self, epoch):
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator).tolist()
+        return self._order
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        per_rank = self.batch_size // self.world
+        for i in range(self.start, self.stop):
+            first = i * self.batch_size + self.rank * per_rank
+            yield [(self.order(p // self.n)[p % self.n], self.seed << 40 | p) for p in range(first, first + per_rank)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Visual backbone: a torchvision ResNet trained from scratch; its layer4 grid feeds the heads
+
+class Visual(nn.Module):
+    def __init__(self, name="resnet50"):
+        super().__init__()
+        builder = getattr(torchvision.models, name, None)
+        if name not in torchvision.models.resnet.__all__ or not callable(builder) or name[0].isupper():
+            raise ValueError(f"backbone must be a torchvision ResNet (resnet50, resnet101, wide_resnet50_2, ...), not {name!r}")
+        # zero_init_residual: every residual branch starts as identity (the official setting)
+        self.cnn = builder(zero_init_residual=True)
+        self.channels = self.cnn.fc.in_features
+        self.cnn.fc = nn.Identity()  # no fc.* keys, as in the official state dict
+
+    def forward(self, images):  # (B, 3, S, S) -> (B, C, S/32, S/32)
+        c = self.cnn
+        x = c.maxpool(c.relu(c.bn1(c.conv1(images))))
+        return c.layer4(c.layer3(c.layer2(c.layer1(x))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Textual head: projection of the grid, word + position embedding, Transformer decoder, output.
+# Module names mirror the official ones (nn.TransformerDecoder inside), so checkpoints map 1:1.
+
+class Embedding(nn.Module):
+    def __init__(self, vocab_size, hidden, max_length, dropout):
+        super().__init__()
+        self.words = nn.Embedding(vocab_size, hidden, padding_idx=PAD)
+        self.positions = nn.Embedding(max_length, hidden)
+        self.layer_norm = nn.LayerNorm(hidden, eps=1e-8)  # the official eps
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tokens):  # (B, T) -> (B, T, H)
+        x = self.words(tokens) + self.positions.weight[:tokens.shape[1]]
+        x = self.dropout(self.layer_norm(x))
+        return x * (tokens != PAD).unsqueeze(-1)  # padding (and <unk>) positions become zero vectors
+
+
+class Attention(nn.Module):
+    """nn.MultiheadAttention's parameters (packed q/k/v), computed by scaled_dot_product_attention."""
+
+    def __init__(self, hidden, heads, dropout):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * hidden, hidden))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * hidden))
+        self.out_proj = nn.Linear(hidden, hidden)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x, memory=None, causal=False, mask=None, weights=None):
+        """Self-attention on x (B, T, H), or cross-attention to memory (B, N, H) if given.
+
+        `mask` (B, 1, 1, T) marks the keys that may be seen; with `weights`, a list, the attention
+        probabilities (B, heads, T, N) are computed explicitly and appended to it."""
+        hidden = x.shape[-1]
+        if memory is None:
+            q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            q = F.linear(x, self.in_proj_weight[:hidden], self.in_proj_bias[:hidden])
+            k, v = F.linear(memory, self.in_proj_weight[hidden:], self.in_proj_bias[hidden:]).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, H/heads)
+        if weights is not None:
+            p = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, heads, T, N)
+            weights.append(p)
+            out = p @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, T, H)
+
+
+class DecoderLayer(nn.Module):
+    """nn.TransformerDecoderLayer (GELU): self-attention, cross-attention to the grid, feedforward."""
+
+    def __init__(self, hidden, heads, feedforward, dropout, norm_first):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = Attention(hidden, heads, dropout)
+        self.multihead_attn = Attention(hidden, heads, dropout)
+        self.linear1, self.linear2 = nn.Linear(hidden, feedforward), nn.Linear(feedforward, hidden)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.dropout = nn.Dropout(dropout)
+
+    def block(self, x, norm, f):
+        if self.norm_first:
+            return x + self.dropout(f(norm(x)))
+        return norm(x + self.dropout(f(x)))
+
+    def forward(self, x, memory, causal, mask, weights=None):
+        x = self.block(x, self.norm1, lambda y: self.self_attn(y, causal=causal, mask=mask))
+        x = self.block(x, self.norm2, lambda y: self.multihead_attn(y, memory, weights=weights))
+        return self.block(x, self.norm3, lambda y: self.linear2(self.dropout(F.gelu(self.linear1(y)))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg.hidden, cfg.heads, cfg.feedforward, cfg.dropout,
+                                                 cfg.norm_first) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.hidden) if cfg.norm_first else None  # pre-norm ends with one
+
+    def forward(self, x, memory, causal, mask=None, weights=None):
+        for layer in self.layers:
+            x = layer(x, memory, causal, mask, weights)
+        return x if self.norm is None else self.norm(x)
+
+
+def init_weights(module):
+    """The official initialisation: N(0, 0.02) weights; biases keep PyTorch's defaults."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, Attention):
+        nn.init.normal_(module.in_proj_weight, std=0.02)
+    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+        nn.init.zeros_(module.weight[module.padding_idx])
+
+
+class TextualHead(nn.Module):
+    def __init__(self, cfg, visual_channels):
+        super().__init__()
+        self.visual_projection = nn.Linear(visual_channels, cfg.hidden)
+        self.embedding = Embedding(cfg.vocab_size, cfg.hidden, cfg.max_length, cfg.dropout)
+        self.transformer = Decoder(cfg)
+        with torch.no_grad():
+            self.apply(init_weights)
+        # Created after the init, so its bias keeps the default uniform(+-1/sqrt(H)), as in the official.
+        self.output = nn.Linear(cfg.hidden, cfg.vocab_size)
+        self.output.weight = self.embedding.words.weight  # tied input and output word embeddings
+
+    def project(self, grid):  # (B, C, h, w) -> (B, h*w, H): one visual token per cell, no position
+        return self.visual_projection(grid.flatten(2).transpose(1, 2))
+
+    def forward(self, memory, tokens, causal=True, lengths=None, weights=None):
+        """Hidden states (B, T, H) for tokens (B, T) attending to the projected grid `memory`.
+
+        Causal attention needs no padding mask (captions are right-padded, so a real token only
+        sees real tokens); bidirectional attention (masked LM) masks keys at or beyond `lengths`."""
+        mask = None
+        if not causal:
+            mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None])[:, None, None]
+        return self.transformer(self.embedding(tokens), memory, causal, mask, weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# VirTex: the backbone, the forward head and the backward head (paper section 3.1)
+
+def reverse_captions(tokens, lengths):
+    """[SOS] a b [EOS] 0 0 -> [EOS] b a [SOS] 0 0: each row reversed within its length."""
+    index = lengths[:, None] - 1 - torch.arange(tokens.shape[1], device=tokens.device)  # (B, T)
+    return torch.where(index >= 0, tokens.gather(1, index.clamp(min=0)), PAD)
+
+
+def lengths_of(tokens):
+    """Length = last non-padding position + 1 (an interior <unk> does not end a caption)."""
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+    return ((tokens != PAD) * positions).amax(dim=1)
+
+
+class VirTex(nn.Module):
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or Config()
+        self.visual = Visual(cfg.backbone)
+        self.textual = TextualHead(cfg, self.visual.channels)
+        if cfg.task == "bicaptioning":
+            # A second decoder for the reversed caption, starting as an exact copy of the first;
+            # the projection, the embedding and the output layer are shared (official layout).
+            self.backward_textual = copy.deepcopy(self.textual)
+            for name in ("visual_projection", "embedding", "output"):
+                setattr(self.backward_textual, name, getattr(self.textual, name))
+
+    def forward(self, images, tokens, lengths=None):
+        """Teacher-forced loss for images (B, 3, S, S) and captions (B, T) `[SOS] w.. [EOS] 0..`."""
+        if lengths is None:
+            lengths = lengths_of(tokens)
+        memory = self.textual.project(self.visual(images))  # (B, h*w, H), shared by both heads
+        loss_forward = self.caption_loss(self.textual, memory, tokens)
+        if self.cfg.task == "captioning":
+            return {"loss": loss_forward, "loss_forward": loss_forward}
+        loss_backward = self.caption_loss(self.backward_textual, memory, reverse_captions(tokens, lengths))
+        return {"loss": loss_forward + loss_backward, "loss_forward": loss_forward, "loss_backward": loss_backward}
+
+    @staticmethod
+    def caption_loss(head, memory, tokens):
+        """Mean next-token cross-entropy over the real target tokens of the batch."""
+        targets = tokens[:, 1:]  # (B, T-1)
+        keep = targets != PAD
+        hidden = head(memory, tokens[:, :-1])[keep]  # (K, H): causal, so the last input can be dropped
+        logits = head.output(hidden)  # (K, V): the vocabulary projection only where a target exists
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    # -- decoding with the forward head (paper section 4.5) ------------------------------------
+
+    def next_token_logprobs(self, memory, tokens, weights=None):
+        hidden = self.textual(memory, tokens, weights=weights)[:, -1]  # (B, H)
+        return self.textual.output(hidden).float().log_softmax(-1)  # (B, V)
+
+    @torch.no_grad()
+    def caption(self, images, beam=5, nucleus=None, max_steps=30, generator=None):
+        """Token lists (no [SOS]/[EOS]) by beam search, or nucleus sampling if `nucleus` is a p."""
+        memory = self.textual.project(self.visual(images))
+        if nucleus is None:
+            memory = memory.repeat_interleave(beam, dim=0)  # (B*beam, h*w, H)
+        # The search itself keeps its few tokens and scores on the CPU.
+        logprobs = lambda t: self.next_token_logprobs(memory, t.to(memory.device)).cpu()
+        if nucleus is not None:
+            return nucleus_sampling(logprobs, len(images), nucleus, max_steps, generator)
+        return beam_search(logprobs, len(images), beam, max_steps)
+
+
+def strip(sequence):
+    """Generated ids up to (not including) the first [EOS]."""
+    return sequence[:sequence.index(EOS)] if EOS in sequence else sequence
+
+
+def beam_search(logprobs, batch, beam=5, max_steps=30):
+    """Highest total log-probability sequences; `logprobs` maps (batch*beam, t) tokens to (.., V)."""
+    tokens = torch.full((batch * beam, 1), SOS)
+    scores = torch.full((batch, beam), -math.inf)
+    scores[:, 0] = 0  # all beams start identical: expand only the first at step 1
+    for _ in range(max_steps):
+        step = logprobs(tokens)  # (batch*beam, V)
+        done = tokens[:, -1] == EOS
+        step[done] = -math.inf
+        step[done, EOS] = 0  # a finished beam can only repeat [EOS], at no cost
+        total = (scores.view(-1, 1) + step).view(batch, -1)  # (batch, beam*V)
+        scores, best = total.topk(beam, dim=1)
+        rows = (best // step.shape[1] + torch.arange(batch)[:, None] * beam).view(-1)
+        tokens = torch.cat([tokens[rows], (best % step.shape[1]).view(-1, 1)], dim=1)
+        if (tokens[:, -1] == EOS).all():
+            break
+    return [strip(tokens[b * beam, 1:].tolist()) for b in range(batch)]
+
+
+def nucleus_sampling(logprobs, batch, p=0.9, max_steps=30, generator=None):
+    """Sample from the smallest set of tokens whose probability reaches p (Holtzman et al. 2020)."""
+    tokens = torch.full((batch, 1), SOS)
+    for _ in range(max_steps):
+        probs = logprobs(tokens).exp()  # (batch, V)
+        sorted_probs, order = probs.sort(dim=1, descending=True)
+        outside = sorted_probs.cumsum(1) - sorted_probs >= p  # tokens after the nucleus is complete
+        outside[:, 0] = False  # the most likely token is always in it
+        sorted_probs[outside] = 0
+        choice = order.gather(1, torch.multinomial(sorted_probs, 1, generator=generator))
+        choice[tokens[:, -1] == EOS] = EOS
+        tokens = torch.cat([tokens, choice], dim=1)
+        if (choice == EOS).all():
+            break
+    return [strip(row[1:].tolist()) for row in tokens]
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisation: SGD in LookAhead, two learning rates, no decay on the heads' norms and biases
+
+class LookAhead:
+    """Zhang et al. 2019: every k steps of the inner optimizer, the weights move back to
+    alpha * fast + (1 - alpha) * slow, and that point becomes the new slow weights.
+
+    Its state dict is the inner one plus the slow weights and the step counter, so a run resumed
+    in the middle of a k-cycle continues exactly (the official one restarts the cycle)."""
+
+    def __init__(self, optimizer, k=5, alpha=0.5):
+        self.optimizer, self.k, self.alpha = optimizer, k, alpha
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.slow = [p.detach().clone() for p in self.params]
+        self.counter = 0
+
+    @property
+    def param_groups(self):
+        return self.optimizer.param_groups
+
+    def zero_grad(self, set_to_none=True):
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self):
+        self.optimizer.step()
+        self.counter += 1
+        if self.counter == self.k:
+            self.counter = 0
+            # The official arithmetic, p * alpha + slow * (1 - alpha), one fused op per tensor list.
+            torch._foreach_mul_(self.params, self.alpha)
+            torch._foreach_add_(self.params, self.slow, alpha=1 - self.alpha)
+            torch._foreach_copy_(self.slow, self.params)
+
+    def state_dict(self):
+        return {**self.optimizer.state_dict(), "slow": self.slow, "counter": self.counter}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        state = dict(state)
+        slow, self.counter = state.pop("slow", None), state.pop("counter", 0)
+        self.optimizer.load_state_dict(state)
+        # An official checkpoint has no slow weights: restart the cycle from the loaded weights.
+        torch._foreach_copy_(self.slow, slow if slow is not None else self.params)
+
+
+def no_weight_decay(name):
+    """The official set: LayerNorm weights and all biases of the textual embedding and decoders.
+    (CNN BatchNorms, the visual projection bias and the output bias are decayed.)"""
+    parts = name.split(".")
+    return "textual" in parts[0] and parts[1] in ("embedding", "transformer") and ("norm" in name or "bias" in name)
+
+
+def param_groups(model, cfg):
+    """The CNN at cnn_lr and the rest at lr (split on the substring "cnn", as in the official)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(("cnn" in name, not no_weight_decay(name)), []).append(p)
+    return [{"params": params, "lr": cfg.cnn_lr if cnn else cfg.lr, "initial_lr": cfg.cnn_lr if cnn else cfg.lr,
+             "weight_decay": cfg.weight_decay if decay else 0.0} for (cnn, decay), params in groups.items()]
+
+
+def build_optimizer(model, cfg, fused=None):
+    groups = param_groups(model, cfg)
+    if cfg.optimizer == "sgd":
+        inner = torch.optim.SGD(groups, momentum=cfg.momentum, fused=fused)
+    elif cfg.optimizer == "adamw":
+        inner = torch.optim.AdamW(groups, fused=fused)
+    else:
+        raise ValueError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
+    return LookAhead(inner, cfg.lookahead_k, cfg.lookahead_alpha)
+
+
+def lr_multiplier(step, warmup, total):
+    """LR factor after `step` optimizer steps: linear warmup from 0, then cosine to 0 at `total`.
+    The official scheduler steps after the optimizer, so iteration 1 runs at factor 0."""
+    if step < warmup:
+        return step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return math.cos(math.pi / 2 * progress) ** 2  # cos^2(x/2) = (1 + cos x) / 2
+
+
+def set_lr(optimizer, step, cfg):
+    factor = lr_multiplier(step, cfg.warmup, cfg.iterations)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: {"model": official key layout, "optimizer", "iteration"} + config and vocabulary
+
+def save_checkpoint(path, checkpoint):
+    """Write atomically: a kill at any moment leaves either the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """Read a checkpoint without running code from it (weights_only: tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a PyTorch checkpoint that loads safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+    return checkpoint
+
+
+def model_state(checkpoint, path="checkpoint"):
+    """The state dict inside a checkpoint (ours, the official one) or a bare state dict."""
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict) or not any(k.startswith("visual.cnn.") for k in state):
+        raise ValueError(f"{path}: not a VirTex checkpoint (no visual.cnn.* weights)")
+    return state
+
+
+def infer_backbone(state):
+    """The torchvision ResNet whose weight shapes match visual.cnn.* exactly."""
+    shapes = {k[len("visual.cnn."):]: tuple(v.shape) for k, v in state.items() if k.startswith("visual.cnn.")}
+    for name in torchvision.models.resnet.__all__:
+        if name[0].islower():
+            with torch.device("meta"):
+                cnn = getattr(torchvision.models, name)()
+            if {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.startswith("fc.")} == shapes:
+                return name
+    raise ValueError("visual.cnn.* matches no torchvision ResNet")
+
+
+def official_config(state, heads=None, task=None):
+    """A Config for an official state dict, read off its tensor shapes."""
+    cfg = dict(backbone=infer_backbone(state))
+    if "textual.embedding.words.weight" in state:
+        vocab, hidden = state["textual.embedding.words.weight"].shape
+        layers = {k.split(".")[3] for k in state if k.startswith("textual.transformer.layers.")}
+        cfg.update(vocab_size=vocab, hidden=hidden, layers=len(layers), heads=heads or hidden // 64,
+                   feedforward=state["textual.transformer.layers.0.linear1.weight"].shape[0],
+                   max_length=state["textual.embedding.positions.weight"].shape[0],
+                   norm_first="textual.transformer.norm.weight" in state,
+                   # masked LM and captioning have the same keys: captioning unless told otherwise
+                   task=task or ("bicaptioning" if any(k.startswith("backward_textual.") for k in state) else "captioning"))
+    else:
+        vocab = state["textual.output.weight"].shape[0]
+        cfg.update(vocab_size=vocab, task=task or ("multilabel_classification" if vocab == 81 else "token_classification"))
+    return Config(**cfg)
+
+
+def with_aliases(state):
+    """Add the keys a strict load expects but a de-duplicated state dict may lack (shared tensors)."""
+    state = dict(state)
+    if "textual.embedding.words.weight" in state:
+        state.setdefault("textual.output.weight", state["textual.embedding.words.weight"])
+    for k in [k for k in state if k.startswith("textual.") and k.split(".")[1] in ("visual_projection", "embedding", "output")]:
+        if any(s.startswith("backward_textual.transformer.") for s in state):
+            state.setdefault("backward_" + k, state[k])
+    return state
+
+
+def from_official(path, heads=None, task=None):
+    """A VirTex loaded from a checkpoint saved by the official code ({"model": ...} or bare)."""
+    state = model_state(load_checkpoint(path), path)
+    model = VirTex(official_config(state, heads, task))
+    model.load_state_dict(with_aliases(state))
+    return model
+
+
+def load_model(path, heads=None, task=None):
+    """(model, tokenizer or None) from one of our checkpoints or an official one."""
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint:
+        return from_official(path, heads, task), None
+    model = VirTex(Config.from_dict(checkpoint["config"]))
+    model.load_state_dict(model_state(checkpoint, path))
+    return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
