@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import sys
 import unicodedata
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -206,10 +207,15 @@ def eval_transform(image, resize, size):
 
 
 def load_image(path, size=None):
-    """Any image as RGB; with `size`, JPEGs decode at the smallest power-of-2 scale still >= size."""
+    """Any image PIL reads (greyscale, CMYK, palette, alpha, 16-bit) as 8-bit RGB. With `size`,
+    a JPEG decodes at the largest power-of-2 reduction that keeps both sides >= size (draft mode)."""
     with Image.open(path) as image:
         if size is not None:
             image.draft("RGB", (size, size))
+        if image.mode.startswith("I"):  # 16/32-bit greyscale: keep the top 8 of 16 bits
+            image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # transparent -> white
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
         return image.convert("RGB")
 
 
@@ -224,14 +230,28 @@ def read_json(path, what):
 
 
 def read_captions(root, split):
-    """[(image path, [captions])] in order of first appearance, as the official dataset groups them."""
+    """[(image path, [captions])] in order of first appearance, as the official dataset groups them.
+    Empty captions are dropped, and images left without one are skipped (and reported)."""
     root = Path(root)
-    data = read_json(root / "annotations" / f"captions_{split}2017.json", f"COCO {split} captions")
-    files = {image["id"]: image["file_name"] for image in data["images"]}
-    captions = {}
-    for ann in data["annotations"]:
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
-    return [(root / f"{split}2017" / files[i], caps) for i, caps in captions.items()]
+    path = root / "annotations" / f"captions_{split}2017.json"
+    data = read_json(path, f"COCO {split} captions")
+    try:
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        captions = {}
+        for ann in data["annotations"]:
+            text = ann["caption"] if isinstance(ann["caption"], str) else ""
+            captions.setdefault(ann["image_id"], []).extend([text.strip()] if text.strip() else [])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not COCO Captions (no {e} field)") from None
+    unknown = [i for i in captions if i not in files]
+    if unknown:
+        raise ValueError(f"{path}: captions of image id {unknown[0]}, which is not in its image list")
+    items = [(root / f"{split}2017" / files[i], texts) for i, texts in captions.items() if texts]
+    if len(items) < len(captions):
+        print(f"warning: {path}: {len(captions) - len(items)} images without a non-empty caption skipped", file=sys.stderr)
+    if not items:
+        raise ValueError(f"{path}: no captions")
+    return items
 
 
 class CocoCaptions(torch.utils.data.Dataset):
@@ -251,25 +271,35 @@ class CocoCaptions(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, key):
+        """(image, tokens, [unreadable images met on the way, replaced by random others])."""
         index, seed = key
         generator = torch.Generator().manual_seed(seed)
-        path, captions = self.items[index]
+        skipped = []
+        while True:
+            path, captions = self.items[index]
+            try:
+                image = load_image(path, self.decode_size)
+                break
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                skipped.append(f"{path}: {e}")
+                if len(skipped) == 100:
+                    raise RuntimeError(f"100 unreadable images in a row, e.g. {skipped[0]}") from None
+                index = int(torch.randint(len(self.items), (1,), generator=generator))
         caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
-        image = load_image(path, self.decode_size)
         if self.train:
             image, caption = train_transform(image, caption, self.size, self.crop_scale, generator)
         else:
             image = eval_transform(image, self.size, self.size)
         # Truncation keeps the first max_length ids: a cut caption has no [EOS], as in the official.
         tokens = [SOS, *self.tokenizer.encode(caption), EOS][:self.max_length]
-        return image, torch.tensor(tokens)
+        return image, torch.tensor(tokens), skipped
 
 
 def collate(batch):
     """Stack images; right-pad token sequences with 0 to the longest in the batch."""
-    images, tokens = zip(*batch)
+    images, tokens, skipped = zip(*batch)
     lengths = torch.tensor([len(t) for t in tokens])
-    return torch.stack(images), nn.utils.rnn.pad_sequence(tokens, batch_first=True), lengths
+    return torch.stack(images), nn.utils.rnn.pad_sequence(tokens, batch_first=True), lengths, sum(skipped, [])
 
 
 class Stream(torch.utils.data.Sampler):
@@ -734,3 +764,131 @@ def load_model(path, heads=None, task=None):
     model = VirTex(Config.from_dict(checkpoint["config"]))
     model.load_state_dict(model_state(checkpoint, path))
     return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The toy world: COCO Captions and VOC07 in miniature, written in their real layouts.
+# Captions name colours, sizes, counts and places; COCO-style categories name only the shapes;
+# the 20 VOC classes are colour+shape pairs, so a backbone must learn what the captions say.
+
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+COLORS = {"red": (215, 35, 35), "green": (35, 170, 50), "blue": (45, 75, 225), "yellow": (235, 215, 40)}
+TOY_CLASSES = [f"{color}_{shape}" for shape in SHAPES for color in COLORS]
+SCALES = {"large": 0.17, "small": 0.1, "tiny": 0.045}  # radius / image size; "tiny" makes VOC "difficult"
+
+
+def shape_outline(shape, x, y, r, angle):
+    """Polygon corners of a shape of radius r centred at (x, y)."""
+    if shape == "star":
+        corners = [(math.cos(a) * (1 - 0.58 * (k % 2)), math.sin(a) * (1 - 0.58 * (k % 2)))
+                   for k, a in enumerate(-math.pi / 2 + k * math.pi / 5 for k in range(10))]
+    elif shape == "cross":
+        arm = [(-1 / 3, -1), (1 / 3, -1), (1 / 3, -1 / 3), (1, -1 / 3), (1, 1 / 3), (1 / 3, 1 / 3)]
+        corners = arm + [(-u, -v) for u, v in arm]
+    else:
+        corners = {"square": [(-1, -1), (1, -1), (1, 1), (-1, 1)], "triangle": [(0, -1), (1, 0.85), (-1, 0.85)]}[shape]
+    c, s = math.cos(angle), math.sin(angle)
+    return [(x + r * (u * c - v * s), y + r * (u * s + v * c)) for u, v in corners]
+
+
+def toy_scene(rng, size, kinds=None):
+    """Shapes on a noisy background with scribbles: (image, [(color, shape, scale, x, y, r)])."""
+    from PIL import ImageDraw
+    noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
+    image = Image.blend(Image.new("RGB", (size, size), tuple(rng.randrange(40, 200) for _ in range(3))),
+                        noise, rng.uniform(0.05, 0.35))
+    draw = ImageDraw.Draw(image)
+    for _ in range(rng.randrange(4)):  # distractors, in the objects' colours too
+        color = rng.choice([*COLORS.values(), tuple(rng.randrange(256) for _ in range(3))])
+        draw.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(3)], fill=color, width=rng.choice((1, 2)))
+    if kinds is None:
+        kinds = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))]
+        kinds = [kinds[i - 1] if i and rng.random() < 0.2 else k for i, k in enumerate(kinds)]  # repeats: counts
+    objects = []
+    for color, shape in kinds:
+        scale = "tiny" if rng.random() < 0.05 else rng.choice(("large", "small"))
+        r = size * SCALES[scale] * rng.uniform(0.9, 1.1)
+        for _ in range(30):  # find a free place
+            x, y = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 2, size - r - 2)
+            if all(abs(x - o[3]) > r + o[5] + 1 or abs(y - o[4]) > r + o[5] + 1 for o in objects):
+                objects.append((color, shape, scale, x, y, r))
+                fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[color])
+                if shape == "circle":
+                    draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+                else:
+                    draw.polygon(shape_outline(shape, x, y, r, rng.uniform(-0.3, 0.3)), fill=fill)
+                break
+    return image, objects
+
+
+def toy_captions(rng, objects, k=5):
+    """k captions: the shapes with their counts, sizes and colours, and where they are."""
+    groups = {}
+    for color, shape, scale, *_ in objects:
+        groups.setdefault((color, shape), []).append(scale)
+
+    def group(color, shape, scales):
+        n = len(scales)
+        noun = shape if n == 1 else shape + ("es" if shape == "cross" else "s")
+        size = [scales[0]] if len(set(scales)) == 1 else []
+        return " ".join([("a", "two", "three", "four")[n - 1], *size, color, noun])
+
+    every = lambda: " and ".join(group(*key, s) for key, s in rng.sample(list(groups.items()), len(groups)))
+    one = lambda o: f"a {o[2]} {o[0]} {o[1]}"
+    captions = [f"{every()}.", f"there {'is' if len(objects) == 1 else 'are'} {every()}.",
+                f"a picture of {every()} on a noisy background."]
+    for a in objects:
+        for b in objects:
+            if a[:2] != b[:2] and b[3] - a[3] > a[5] + b[5]:
+                captions += [f"{one(a)} left of {one(b)}.", f"{one(b)} to the right of {one(a)}."]
+            if a[:2] != b[:2] and b[4] - a[4] > a[5] + b[5]:
+                captions.append(f"{one(a)} above {one(b)}.")
+    return rng.sample(captions, k) if len(captions) >= k else captions + rng.choices(captions, k=k - len(captions))
+
+
+def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
+    """Write, once: root/coco (COCO Captions + instances), root/voc/VOCdevkit/VOC2007 (20
+    colour+shape classes) and root/imagenet (ImageFolder train/val of one-shape images)."""
+    root = Path(root)
+    if (root / "complete").exists():
+        return
+    rng = random.Random(seed)
+    coco = root / "coco"
+    (coco / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
+    for split, n in (("train", train), ("val", val)):
+        (coco / f"{split}2017").mkdir(exist_ok=True)
+        images, captions, instances = [], [], []
+        for i in range(1, n + 1):
+            image, objects = toy_scene(rng, size)
+            images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": size, "height": size})
+            image.save(coco / f"{split}2017" / images[-1]["file_name"], quality=90)
+            captions += [{"id": len(captions) + 1, "image_id": i, "caption": c} for c in toy_captions(rng, objects)]
+            instances += [{"id": len(instances) + 1, "image_id": i, "category_id": SHAPES.index(shape) + 1,
+                           "bbox": [x - r, y - r, 2 * r, 2 * r], "area": 4 * r * r, "iscrowd": 0, "segmentation": []}
+                          for _, shape, _, x, y, r in objects]
+        (coco / "annotations" / f"captions_{split}2017.json").write_text(json.dumps({"images": images, "annotations": captions}))
+        (coco / "annotations" / f"instances_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": instances, "categories": categories}))
+    voc_root = root / "voc" / "VOCdevkit" / "VOC2007"
+    for d in ("JPEGImages", "ImageSets/Main"):
+        (voc_root / d).mkdir(parents=True, exist_ok=True)
+    for split, first in (("trainval", 0), ("test", voc)):
+        ids, labels = [f"{i:06d}" for i in range(first, first + voc)], []
+        for i in ids:
+            image, objects = toy_scene(rng, size)
+            image.save(voc_root / "JPEGImages" / f"{i}.jpg", quality=90)
+            scales = [{o[2] for o in objects if f"{o[0]}_{o[1]}" == c} for c in TOY_CLASSES]
+            labels.append([-1 if not s else 0 if s == {"tiny"} else 1 for s in scales])  # VOC: 0 = difficult
+        (voc_root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        for c, name in enumerate(TOY_CLASSES):
+            (voc_root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
+                "".join(f"{i} {row[c]:2d}\n" for i, row in zip(ids, labels)))
+    for split, n in (("train", 20), ("val", 5)):
+        for name in TOY_CLASSES:
+            (root / "imagenet" / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                image, _ = toy_scene(rng, size, kinds=[tuple(name.split("_"))])
+                image.save(root / "imagenet" / split / name / f"{i:04d}.jpg", quality=90)
+    (root / "complete").write_text("written by virtex.make_toy_world\n")

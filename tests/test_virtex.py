@@ -61,11 +61,11 @@ def test_flip_swaps_left_and_right_words_only():
 def test_dataset_groups_captions_and_pads_batches(coco, tokenizer, cfg):
     data = virtex.CocoCaptions(coco, "train", tokenizer, cfg)
     assert len(data) == 12 and all(len(caps) == 3 for _, caps in data.items)
-    image, tokens = data[(0, 123)]
+    image, tokens, skipped = data[(0, 123)]
     assert image.shape == (3, 64, 64)
     assert tokens[0] == virtex.SOS and tokens[-1] == virtex.EOS
-    images, padded, lengths = virtex.collate([data[(i, i)] for i in range(4)])
-    assert images.shape == (4, 3, 64, 64) and padded.shape == (4, lengths.max())
+    images, padded, lengths, skipped = virtex.collate([data[(i, i)] for i in range(4)])
+    assert images.shape == (4, 3, 64, 64) and padded.shape == (4, lengths.max()) and skipped == []
     assert all((padded[i, lengths[i]:] == 0).all() and padded[i, lengths[i] - 1] == virtex.EOS for i in range(4))
 
 
