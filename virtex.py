@@ -21,6 +21,8 @@ Deliberate differences from the official code (the README says why):
   and output logits are computed only where a target exists: same loss, less work;
 - decoding keeps [SOS] in front of the generated tokens at every step, as in training.
 """
+import argparse
+import collections
 import copy
 import io
 import json
@@ -191,14 +193,16 @@ def to_tensor(image):
     return TF.normalize(TF.to_tensor(image), MEAN, STD)
 
 
-def train_transform(image, caption, size, crop_scale, generator):
-    """Paper section 3.2: random resized crop, flip (with the caption), colour jitter."""
+def train_transform(image, size, crop_scale, generator):
+    """Paper section 3.2: random resized crop, flip, colour jitter. Returns (image, flipped):
+    a flipped image's caption must swap "left" and "right"."""
     image = random_resized_crop(image, size, (crop_scale, 1.0), generator)
-    if torch.rand(1, generator=generator) < 0.5:
-        image, caption = TF.hflip(image), swap_left_right(caption)
+    flipped = bool(torch.rand(1, generator=generator) < 0.5)
+    if flipped:
+        image = TF.hflip(image)
     if torch.rand(1, generator=generator) < 0.8:
         image = color_jitter(image, generator)
-    return to_tensor(image), caption
+    return to_tensor(image), flipped
 
 
 def eval_transform(image, resize, size):
@@ -254,6 +258,23 @@ def read_captions(root, split):
     return items
 
 
+def read_categories(root, split):
+    """([(image path, [[category indices 1..K]])], K) from instances_{split}2017.json, categories
+    in file order (0 is padding); images without objects are dropped, as in the official dataset."""
+    root = Path(root)
+    path = root / "annotations" / f"instances_{split}2017.json"
+    data = read_json(path, f"COCO {split} instances (multi-label classification)")
+    try:
+        index = {c["id"]: i + 1 for i, c in enumerate(data["categories"])}
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        labels = {}
+        for ann in data["annotations"]:
+            labels.setdefault(ann["image_id"], set()).add(index[ann["category_id"]])
+    except KeyError as e:
+        raise ValueError(f"{path}: not COCO instances (no {e} field or category)") from None
+    return [(root / f"{split}2017" / files[i], [sorted(labels[i])]) for i in files if i in labels], len(index)
+
+
 class CocoCaptions(torch.utils.data.Dataset):
     """One image and one of its captions, as (image, [SOS] tokens [EOS]).
 
@@ -261,7 +282,13 @@ class CocoCaptions(torch.utils.data.Dataset):
     so a sample is a pure function of its place in the run (see `Stream`)."""
 
     def __init__(self, root, split, tokenizer, cfg, train=True):
-        self.items = read_captions(root, split)[:cfg.max_images]
+        # Multi-label classification (an ablation) reads categories where the others read captions.
+        self.categories = cfg.task == "multilabel_classification"
+        if self.categories:
+            self.items, self.classes = read_categories(root, split)
+        else:
+            self.items = read_captions(root, split)
+        self.items = self.items[:cfg.max_images]
         self.tokenizer, self.train = tokenizer, train
         self.size, self.crop_scale, self.max_length = cfg.image_size, cfg.crop_scale, cfg.max_length
         # Decode only as many JPEG pixels as the smallest crop can use.
@@ -286,12 +313,16 @@ class CocoCaptions(torch.utils.data.Dataset):
                     raise RuntimeError(f"100 unreadable images in a row, e.g. {skipped[0]}") from None
                 index = int(torch.randint(len(self.items), (1,), generator=generator))
         caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
+        flipped = False
         if self.train:
-            image, caption = train_transform(image, caption, self.size, self.crop_scale, generator)
+            image, flipped = train_transform(image, self.size, self.crop_scale, generator)
         else:
             image = eval_transform(image, self.size, self.size)
+        if self.categories:
+            return image, torch.tensor(caption), skipped
         # Truncation keeps the first max_length ids: a cut caption has no [EOS], as in the official.
-        tokens = [SOS, *self.tokenizer.encode(caption), EOS][:self.max_length]
+        text = swap_left_right(caption) if flipped else caption
+        tokens = [SOS, *self.tokenizer.encode(text), EOS][:self.max_length]
         return image, torch.tensor(tokens), skipped
 
 
@@ -488,11 +519,45 @@ def lengths_of(tokens):
     return ((tokens != PAD) * positions).amax(dim=1)
 
 
+def mask_tokens(tokens, lengths, vocab_size, p=0.15, mask=0.85, replace=0.10):
+    """The official masked-LM corruption: (input, labels). Per caption ceil(p * (T - 2)) positions
+    among 1..T-2; each becomes [MASK] (prob. `mask`, or always if it is the only one) and is the
+    only kind supervised; else a random id or itself, both unsupervised (unlike BERT)."""
+    B, T = tokens.shape
+    positions = torch.arange(T, device=tokens.device)
+    allowed = (positions >= 1) & (positions < lengths[:, None] - 1)  # (B, T)
+    count = (p * (lengths - 2).clamp(min=0)).ceil()[:, None]  # (B, 1)
+    rank = torch.rand(B, T, device=tokens.device).masked_fill(~allowed, 2).argsort(1).argsort(1)
+    chosen = rank < count  # a uniformly random subset of `count` allowed positions
+    u = torch.rand(B, T, device=tokens.device)
+    masked = chosen & ((u <= mask) | (count == 1))
+    replaced = chosen & ~masked & (u <= mask + replace)
+    inputs = torch.where(masked, MASK, torch.where(replaced, torch.randint_like(tokens, vocab_size), tokens))
+    return inputs, torch.where(masked, tokens, PAD)
+
+
+class ClassificationHead(nn.Module):
+    """token_classification / multilabel_classification: pooled grid -> one linear layer."""
+
+    def __init__(self, channels, classes):
+        super().__init__()
+        self.output = nn.Linear(channels, classes)
+
+    def forward(self, grid):  # (B, C, h, w) -> (B, classes)
+        return self.output(grid.mean((2, 3)))
+
+
 class VirTex(nn.Module):
+    """A visual backbone and the textual head of `cfg.task`: the paper's bicaptioning, or one of
+    the ablations of section 4.2 (captioning, masked LM, token or multi-label classification)."""
+
     def __init__(self, cfg=None):
         super().__init__()
         self.cfg = cfg = cfg or Config()
         self.visual = Visual(cfg.backbone)
+        if cfg.task.endswith("classification"):
+            self.textual = ClassificationHead(self.visual.channels, cfg.vocab_size)
+            return
         self.textual = TextualHead(cfg, self.visual.channels)
         if cfg.task == "bicaptioning":
             # A second decoder for the reversed caption, starting as an exact copy of the first;
@@ -502,24 +567,41 @@ class VirTex(nn.Module):
                 setattr(self.backward_textual, name, getattr(self.textual, name))
 
     def forward(self, images, tokens, lengths=None):
-        """Teacher-forced loss for images (B, 3, S, S) and captions (B, T) `[SOS] w.. [EOS] 0..`."""
+        """Training loss for images (B, 3, S, S) and captions (B, T) `[SOS] w.. [EOS] 0..` (or, for
+        multi-label classification, the category ids of each image, 0-padded)."""
         if lengths is None:
             lengths = lengths_of(tokens)
-        memory = self.textual.project(self.visual(images))  # (B, h*w, H), shared by both heads
-        loss_forward = self.caption_loss(self.textual, memory, tokens)
-        if self.cfg.task == "captioning":
+        grid = self.visual(images)
+        task = self.cfg.task
+        if task.endswith("classification"):
+            return {"loss": self.classification_loss(self.textual(grid), tokens, task)}
+        memory = self.textual.project(grid)  # (B, h*w, H), shared by both heads
+        if task == "masked_lm":
+            inputs, labels = mask_tokens(tokens, lengths, self.cfg.vocab_size)
+            return {"loss": self.token_loss(self.textual, memory, inputs, labels, causal=False, lengths=lengths)}
+        loss_forward = self.token_loss(self.textual, memory, tokens[:, :-1], tokens[:, 1:])
+        if task == "captioning":
             return {"loss": loss_forward, "loss_forward": loss_forward}
-        loss_backward = self.caption_loss(self.backward_textual, memory, reverse_captions(tokens, lengths))
+        backward = reverse_captions(tokens, lengths)
+        loss_backward = self.token_loss(self.backward_textual, memory, backward[:, :-1], backward[:, 1:])
         return {"loss": loss_forward + loss_backward, "loss_forward": loss_forward, "loss_backward": loss_backward}
 
     @staticmethod
-    def caption_loss(head, memory, tokens):
-        """Mean next-token cross-entropy over the real target tokens of the batch."""
-        targets = tokens[:, 1:]  # (B, T-1)
+    def token_loss(head, memory, inputs, targets, causal=True, lengths=None):
+        """Mean cross-entropy over the non-padding targets of the batch. (For captioning the inputs
+        stop one short: with causal attention the last token predicts nothing.)"""
         keep = targets != PAD
-        hidden = head(memory, tokens[:, :-1])[keep]  # (K, H): causal, so the last input can be dropped
-        logits = head.output(hidden)  # (K, V): the vocabulary projection only where a target exists
-        return F.cross_entropy(logits.float(), targets[keep])
+        hidden = head(memory, inputs, causal, lengths)[keep]  # (K, H)
+        return F.cross_entropy(head.output(hidden).float(), targets[keep])  # logits only where a target exists
+
+    @staticmethod
+    def classification_loss(logits, tokens, task):
+        """-mean log-probability of the image's set of targets (caption tokens but the special
+        ones, or COCO categories); i.e. cross-entropy to a uniform distribution over the set."""
+        targets = torch.zeros_like(logits).scatter_(1, tokens, 1.0)
+        targets[:, :4 if task == "token_classification" else 1] = 0  # [PAD]/<unk>, [SOS], [EOS], [MASK]
+        logp = logits.float().log_softmax(-1)
+        return (-(logp * targets).sum(1) / targets.sum(1).clamp(min=1)).mean()
 
     # -- decoding with the forward head (paper section 4.5) ------------------------------------
 
@@ -580,6 +662,47 @@ def nucleus_sampling(logprobs, batch, p=0.9, max_steps=30, generator=None):
             break
     return [strip(row[1:].tolist()) for row in tokens]
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Caption evaluation: CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation computes it
+
+def caption_words(text):
+    """Lowercase words without punctuation (a stand-in for the PTB tokeniser of the COCO code)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", normalize(text)).split())
+
+
+def ngram_counts(caption, n=4):
+    words = caption.split()
+    return collections.Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
+
+
+def cider(candidates, references, n=4, sigma=6.0):
+    """CIDEr-D of {id: caption} against {id: [captions]} (tokenised, space-separated): the corpus
+    score and the per-id scores. tf-idf n-gram vectors (idf over the reference sets), candidate
+    weights clipped at the reference's, a Gaussian penalty on the length difference, x10."""
+    refs = {i: [ngram_counts(r, n) for r in references[i]] for i in candidates}
+    document_frequency = collections.Counter(g for counts in refs.values() for g in set().union(*counts))
+    log_images = math.log(len(candidates))
+
+    def vector(counts):
+        vec = [{} for _ in range(n)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_images - math.log(max(1.0, document_frequency[g])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        return vec, norms, sum(tf for g, tf in counts.items() if len(g) == 2)  # length counted in bigrams, as there
+
+    scores = {}
+    for i, caption in candidates.items():
+        vec, norms, length = vector(ngram_counts(caption, n))
+        total = 0.0
+        for ref_vec, ref_norms, ref_length in map(vector, refs[i]):
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                overlap = sum(min(w, ref_vec[k].get(g, 0.0)) * ref_vec[k].get(g, 0.0) for g, w in vec[k].items())
+                total += overlap / (norms[k] * ref_norms[k] or 1.0) * penalty / n
+        scores[i] = 10.0 * total / len(refs[i])
+    return sum(scores.values()) / len(scores), scores
 
 
 # ----------------------------------------------------------------------------------------------
@@ -678,11 +801,14 @@ def save_checkpoint(path, checkpoint):
     """Write atomically: a kill at any moment leaves either the old file or the new one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -765,6 +891,22 @@ def load_model(path, heads=None, task=None):
     model.load_state_dict(model_state(checkpoint, path))
     return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
 
+
+
+def export_backbone(model, format="torchvision"):
+    """The trained ResNet alone: torchvision's key names (resnet50() loads it, fc aside), or
+    detectron2's, renamed the way the official export does."""
+    state = model.visual.cnn.state_dict()  # conv1.weight, layer1.0.bn1.bias, ... (no fc)
+    if format == "torchvision":
+        return state
+    renames = [("layer1", "res2"), ("layer2", "res3"), ("layer3", "res4"), ("layer4", "res5"), ("bn1", "conv1.norm"),
+               ("bn2", "conv2.norm"), ("bn3", "conv3.norm"), ("downsample.0", "shortcut"), ("downsample.1", "shortcut.norm")]
+    renamed = {}
+    for key, value in state.items():
+        for a, b in renames:
+            key = key.replace(a, b)
+        renamed[key if key.startswith("res") else f"stem.{key}"] = value
+    return {"model": renamed, "__author__": "virtex.py", "matching_heuristics": True}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -892,3 +1034,97 @@ def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
                 image, _ = toy_scene(rng, size, kinds=[tuple(name.split("_"))])
                 image.save(root / "imagenet" / split / name / f"{i:04d}.jpg", quality=90)
     (root / "complete").write_text("written by virtex.make_toy_world\n")
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: caption images (with attention pictures), export the backbone
+
+@torch.no_grad()
+def cross_attention(model, images, captions):
+    """(B, T, h, w): where the forward head's last layer looked (mean over heads) when it
+    predicted each token of `captions` (token lists without [SOS])."""
+    grid = model.visual(images)
+    inputs = [torch.tensor([SOS, *c])[:max(1, len(c))] for c in captions]  # the last token is no input
+    tokens = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
+    weights = []
+    model.textual(model.textual.project(grid), tokens.to(images.device), weights=weights)
+    return weights[-1].mean(1).unflatten(-1, grid.shape[2:])
+
+
+def draw_attention(image, words, maps, path, cell=160, per_row=6):
+    """The image, then for each word the image lit where the model attended, the word below it."""
+    from PIL import ImageDraw
+    image = image.resize((cell, cell))
+    dark = image.point(lambda v: v // 4)
+    panels = [(image, "")]
+    for word, grid in zip(words, maps):
+        heat = (255 * grid / grid.max()).byte()  # (h, w)
+        mask = Image.frombytes("L", heat.shape[::-1], bytes(heat.flatten().tolist())).resize((cell, cell), Image.BILINEAR)
+        panels.append((Image.composite(image, dark, mask), word))
+    rows = math.ceil(len(panels) / per_row)
+    sheet = Image.new("RGB", (cell * min(per_row, len(panels)), rows * (cell + 20)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (panel, word) in enumerate(panels):
+        x, y = cell * (k % per_row), (cell + 20) * (k // per_row)
+        sheet.paste(panel, (x, y))
+        draw.text((x + cell // 2, y + cell + 3), word, fill="black", anchor="mt")
+    sheet.save(path)
+
+
+def caption_command(args):
+    model, tokenizer = load_model(args.ckpt)
+    if args.vocab:
+        tokenizer = Tokenizer(args.vocab)
+    if tokenizer is None:
+        raise ValueError(f"{args.ckpt} carries no vocabulary: pass --vocab (e.g. coco_10k.model)")
+    if len(tokenizer) != model.cfg.vocab_size:
+        raise ValueError(f"the vocabulary has {len(tokenizer)} tokens but {args.ckpt} predicts {model.cfg.vocab_size}")
+    if model.cfg.task not in ("bicaptioning", "captioning"):
+        raise ValueError(f"{args.ckpt} was trained for {model.cfg.task}, which does not caption")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    size = model.cfg.image_size
+    resize = round(size * 256 / 224)
+    pictures = [TF.center_crop(TF.resize(load_image(p), resize), size) for p in args.images]
+    images = torch.stack([to_tensor(p) for p in pictures]).to(device)
+    generator = torch.Generator().manual_seed(args.seed)
+    captions = model.caption(images, args.beam, args.nucleus, model.cfg.max_length, generator)
+    if args.attention:
+        Path(args.attention).mkdir(parents=True, exist_ok=True)
+        maps = cross_attention(model, images, captions).cpu()
+    for k, (path, tokens) in enumerate(zip(args.images, captions)):
+        print(f"{path}: {tokenizer.decode(tokens)}")
+        if args.attention:
+            words = [tokenizer.sp.id_to_piece(t).replace("\u2581", "") for t in tokens]
+            draw_attention(pictures[k], words, maps[k], Path(args.attention) / f"{Path(path).stem}.png")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="virtex.py", description="Caption images with a VirTex checkpoint, or export its backbone.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    caption = commands.add_parser("caption", help="print a caption per image")
+    caption.add_argument("--ckpt", required=True, help="our checkpoint, or one saved by the official code")
+    caption.add_argument("images", nargs="+", help="image files")
+    caption.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
+    caption.add_argument("--nucleus", type=float, help="sample with this nucleus p (e.g. 0.9) instead of beam search")
+    caption.add_argument("--seed", type=int, default=0, help="for nucleus sampling (default: 0)")
+    caption.add_argument("--vocab", help="SentencePiece model, needed for official checkpoints (coco_10k.model)")
+    caption.add_argument("--attention", help="folder for one attention picture per image")
+    export = commands.add_parser("export", help="write the backbone for torchvision or detectron2")
+    export.add_argument("--ckpt", required=True, help="our checkpoint, or one saved by the official code")
+    export.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision", help="(default: torchvision)")
+    export.add_argument("out", help="output file")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "caption":
+            caption_command(args)
+        else:
+            torch.save(export_backbone(load_model(args.ckpt)[0], args.format), args.out)
+            print(f"wrote {args.out}")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
 """virtex.py: tokenizer, data, model, decoding, optimisation and checkpoints behave like the paper's code."""
+import math
 import pickle
 import re
 
@@ -316,3 +317,117 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a VirTex checkpoint"):
         virtex.load_model(tmp_path / "other.pt")
+
+
+# -- tasks (paper section 4.2 ablations) -------------------------------------------------------
+
+def test_masked_lm_masks_the_official_fraction_never_the_ends():
+    torch.manual_seed(0)
+    tokens = torch.tensor([[virtex.SOS, *range(4, 24), virtex.EOS]] * 2000)  # T = 22: ceil(0.15 * 20) = 3 chosen
+    inputs, labels = virtex.mask_tokens(tokens, virtex.lengths_of(tokens), 10_000)
+    assert (labels[:, [0, -1]] == 0).all() and (inputs[:, [0, -1]] == tokens[:, [0, -1]]).all()
+    supervised = labels != 0
+    assert (inputs[supervised] == virtex.MASK).all() and (labels[supervised] == tokens[supervised]).all()
+    assert supervised.sum(1).float().mean().item() == pytest.approx(3 * 0.85, abs=0.05)
+    changed = (inputs != tokens).sum(1).float().mean().item()
+    assert 3 * 0.85 < changed < 3 * 0.95 + 0.01
+
+
+def test_a_single_masked_position_is_always_masked():
+    tokens = torch.tensor([[virtex.SOS, 7, 8, virtex.EOS]] * 200)  # ceil(0.15 * 2) = 1
+    inputs, labels = virtex.mask_tokens(tokens, virtex.lengths_of(tokens), 10_000)
+    assert ((labels != 0).sum(1) == 1).all() and ((inputs == virtex.MASK).sum(1) == 1).all()
+
+
+def test_classification_targets_are_the_right_sets():
+    logits = torch.zeros(1, 10, requires_grad=True)
+    tokens = torch.tensor([[virtex.SOS, 5, 7, 5, virtex.EOS, 0]])
+    virtex.VirTex.classification_loss(logits, tokens, "token_classification").backward()
+    assert (logits.grad[0] < 0).nonzero().flatten().tolist() == [5, 7]  # special ids and repeats are not targets
+    logits.grad = None
+    virtex.VirTex.classification_loss(logits, torch.tensor([[1, 3, 0]]), "multilabel_classification").backward()
+    assert (logits.grad[0] < 0).nonzero().flatten().tolist() == [1, 3]  # categories 1..K, 0 is padding
+
+
+@pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification"])
+def test_each_task_has_the_official_key_layout(task, cfg):
+    from dataclasses import replace
+    keys = set(virtex.VirTex(replace(cfg, task=task)).state_dict())
+    assert not any(k.startswith("backward_textual") for k in keys)
+    heads = {k for k in keys if k.startswith("textual.")}
+    assert heads == ({"textual.output.weight", "textual.output.bias"} if task.endswith("classification")
+                     else {f"textual.{k}" for k in HEAD_KEYS})
+
+
+def test_multilabel_dataset_reads_coco_instances(tmp_path, tokenizer, cfg):
+    from dataclasses import replace
+    import json
+    write_coco(tmp_path, "train", 3)
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3)],
+        "categories": [{"id": 17, "name": "cat"}, {"id": 3, "name": "car"}],
+        "annotations": [{"image_id": 1, "category_id": 3}, {"image_id": 1, "category_id": 17},
+                        {"image_id": 1, "category_id": 3}, {"image_id": 3, "category_id": 17}]}))
+    data = virtex.CocoCaptions(tmp_path, "train", tokenizer, replace(cfg, task="multilabel_classification"))
+    assert data.classes == 2 and len(data) == 2  # image 2 has no objects
+    assert data[(0, 0)][1].tolist() == [1, 2] and data[(1, 0)][1].tolist() == [1]
+
+
+# -- captioning you can see --------------------------------------------------------------------
+
+def test_cider_matches_hand_computed_values():
+    references = {1: ["w x y z"], 2: ["a"]}
+    # Image 1: every n-gram of the candidate is in its reference: 1 per n, x10.
+    # Image 2: "b" is in no reference, so nothing overlaps.
+    score, per_image = virtex.cider({1: "w x y z", 2: "b"}, references)
+    assert per_image == pytest.approx({1: 10.0, 2: 0.0}) and score == pytest.approx(5.0)
+    # A two-word exact match has only uni- and bigrams: (1 + 1 + 0 + 0) / 4 x 10.
+    assert virtex.cider({1: "w x", 2: "a"}, {1: ["w x"], 2: ["a"]})[1] == pytest.approx({1: 5.0, 2: 2.5})
+    # Length differences are penalised by exp(-d^2 / 72), d counted in bigrams.
+    short = virtex.cider({1: "w x y z", 2: "a"}, {1: ["w x y z q r s"], 2: ["a"]})[1][1]
+    assert short < 10.0 * math.exp(-9 / 72) + 1e-9
+
+
+def test_cider_equals_the_coco_reference_implementation():
+    scorer = pytest.importorskip("pycocoevalcap.cider.cider_scorer")
+    import random
+    rng = random.Random(0)
+    words = "a red blue circle square left of two and small the".split()
+    candidates = {i: " ".join(rng.choices(words, k=rng.randint(1, 8))) for i in range(15)}
+    references = {i: [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(3)] for i in range(15)}
+    reference = scorer.CiderScorer(n=4, sigma=6.0)
+    for i in candidates:
+        reference += (candidates[i], references[i])
+    assert virtex.cider(candidates, references)[0] == pytest.approx(reference.compute_score()[0], rel=1e-12)
+
+
+def test_caption_words_lowercases_and_drops_punctuation():
+    assert virtex.caption_words("A man, riding a Horse!  ") == "a man riding a horse"
+
+
+def test_attention_rows_sum_to_one_and_the_picture_is_written(tmp_path, model, tokenizer, cfg):
+    from dataclasses import asdict
+    from PIL import Image
+    model.eval()
+    maps = virtex.cross_attention(model, torch.randn(2, 3, 64, 64), [[5, 6, 7], [8]])
+    assert maps.shape == (2, 3, 2, 2)
+    torch.testing.assert_close(maps.sum((2, 3)), torch.ones(2, 3))
+    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": asdict(cfg), "vocab": tokenizer.model})
+    Image.new("RGB", (90, 70), "red").save(tmp_path / "red.jpg")
+    virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--beam", "2", "--attention", str(tmp_path / "att"), str(tmp_path / "red.jpg")])
+    picture = Image.open(tmp_path / "att" / "red.png")
+    assert picture.width >= 160 and picture.height >= 180
+
+
+def test_export_round_trips_into_torchvision_resnet(model, tmp_path):
+    state = virtex.export_backbone(model, "torchvision")
+    resnet = torchvision.models.resnet18()
+    missing, unexpected = resnet.load_state_dict(state, strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    resnet.fc = nn.Identity()
+    images = torch.randn(2, 3, 64, 64)
+    model.eval(), resnet.eval()
+    torch.testing.assert_close(resnet(images), model.visual(images).mean((2, 3)))
+    detectron2 = virtex.export_backbone(model, "detectron2")["model"]
+    assert {"stem.conv1.weight", "stem.conv1.norm.weight", "res2.0.conv1.norm.bias", "res3.0.shortcut.weight",
+            "res3.0.shortcut.norm.running_var"} <= set(detectron2) and len(detectron2) == len(state)

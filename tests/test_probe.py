@@ -1,0 +1,152 @@
+"""probe.py: AP and folds as scikit-learn computes them, the SVM optimum, the VOC07 protocol and its CLI."""
+
+import pytest
+import torch
+
+import probe
+import virtex
+
+
+def test_average_precision_hand_cases():
+    assert probe.average_precision([0.9, 0.8, 0.8, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert probe.average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert probe.average_precision([0.1, 0.8, 0.9], [1, 0, 0]) == pytest.approx(1 / 3)
+    assert probe.average_precision([0.5] * 4, [1, 0, 0, 0]) == pytest.approx(0.25)  # all tied: the prevalence
+    assert probe.average_precision([0.3, 0.2], [0, 0]) == 0.0  # no positives: 0, like scikit-learn
+
+
+def test_average_precision_equals_scikit_learn_with_ties():
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        scores = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+        targets = torch.rand(40, generator=g) < 0.3
+        assert probe.average_precision(scores, targets) == pytest.approx(
+            metrics.average_precision_score(targets.numpy(), scores.numpy()), abs=1e-12)
+
+
+def test_stratified_folds_equal_scikit_learn():
+    assert probe.stratified_folds(torch.tensor([1, 1, 1, 0, 0, 0])).tolist() == [0, 1, 2, 0, 1, 2]
+    assert probe.stratified_folds(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])).tolist() == [0, 0, 0, 1, 2, 1, 1, 2, 2]
+    assert probe.stratified_folds(torch.tensor([-1, -1, 1, -1, 1, -1, -1, -1])).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+
+
+def svm_objective(w, x, y, cost):
+    return 0.5 * (w * w).sum() + (cost * (1 - y * (x @ w)).clamp(min=0) ** 2).sum()
+
+
+def exact_newton(x, y, cost, steps=100):
+    """Reference: full-Hessian Newton in float64 (finite for the squared hinge)."""
+    x, y, cost = x.double(), y.double(), cost.double()
+    w = torch.zeros(x.shape[1], dtype=torch.float64)
+    for _ in range(steps):
+        active = cost * ((1 - y * (x @ w)) > 0)
+        hessian = torch.eye(len(w), dtype=torch.float64) + 2 * x.T @ (active[:, None] * x)
+        w = torch.linalg.solve(hessian, 2 * x.T @ (active * y))  # the optimum for this active set
+    return w
+
+
+def test_svm_solution_reaches_the_reference_optimum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(300, 20, generator=g).relu() + 0.5, dim=1)
+    y = torch.where(x[:, 0] + 0.1 * torch.randn(300, generator=g) > x[:, 0].median(), 1.0, -1.0)
+    for C in (0.01, 0.1, 1.0, 10.0):
+        cost = C * torch.where(y > 0, 2.0, 1.0)
+        ours = probe.solve_svms(x, y[:, None], cost[:, None], tol=1e-8)[0]
+        best = svm_objective(exact_newton(x, y, cost), x.double(), y.double(), cost.double())
+        assert svm_objective(ours.double(), x.double(), y.double(), cost.double()) == pytest.approx(best.item(), rel=1e-6)
+
+
+def toy_features(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(n, 3, generator=g) < 0.3).long()
+    x = torch.nn.functional.normalize(labels.float() @ torch.randn(3, 16, generator=g) + torch.randn(n, 16, generator=g), dim=1)
+    return x, labels
+
+
+def test_difficult_images_are_negatives_in_training_and_ignored_at_test():
+    x_train, y_train = toy_features(120, 0)
+    x_test, y_test = toy_features(80, 1)
+    hard = y_train.clone()
+    hard[:10, 0] = torch.where(hard[:10, 0] == 0, -1, hard[:10, 0])  # difficult negatives
+    base = probe.evaluate_svms(x_train, y_train, x_test, y_test)
+    assert torch.equal(probe.evaluate_svms(x_train, hard, x_test, y_test), base)
+    difficult = y_test.clone()
+    difficult[:20, 0] = -1
+    moved = x_test.clone()
+    moved[:20] = -moved[:20]  # whatever their scores, difficult test images do not count
+    torch.testing.assert_close(probe.evaluate_svms(x_train, y_train, moved, difficult)[0],
+                               probe.evaluate_svms(x_train, y_train, x_test, difficult)[0])
+
+
+def test_svm_protocol_matches_scikit_learn():
+    pytest.importorskip("sklearn")
+    x_train, y_train, x_test, y_test = probe.synthetic_voc(400, 300, 32, classes=4)
+    probe.DATA = tuple(t.numpy() for t in (x_train, y_train, x_test, y_test))
+    reference = torch.tensor([probe.sklearn_class(c) for c in range(4)])
+    torch.testing.assert_close(probe.evaluate_svms(x_train, y_train, x_test, y_test), reference.float(), atol=0.05, rtol=0)
+
+
+# -- on the toy VOC ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    virtex.make_toy_world(root, size=32, train=8, val=4, voc=24)
+    return root
+
+
+@pytest.fixture
+def checkpoint(tmp_path, toy):
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    cfg = virtex.Config(backbone="resnet18", hidden=32, heads=2, vocab_size=64, image_size=32)
+    virtex.save_checkpoint(tmp_path / "tiny.pt", {"model": virtex.VirTex(cfg).state_dict(), "config": asdict(cfg)})
+    return tmp_path / "tiny.pt"
+
+
+def run_probe(*argv):
+    probe.main(probe.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_path, capsys, monkeypatch):
+    voc = toy / "voc" / "VOCdevkit" / "VOC2007"
+    run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0, "--features", tmp_path / "f.pt")
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("| red_circle |") for line in lines) == 1
+    assert lines[-1].startswith("mAP: ") and 0 <= float(lines[-1][5:]) <= 100
+    monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("features were extracted again"))
+    run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0, "--features", tmp_path / "f.pt", "--costs", 1)
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("mAP: ")
+
+
+def test_backbone_stays_bit_identical_while_probing(checkpoint, toy):
+    visual, size = probe.load_backbone(checkpoint)
+    visual.train()
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    probe.voc07(visual, toy / "voc" / "VOCdevkit" / "VOC2007", size, torch.device("cpu"), workers=0, progress=False)
+    top1 = probe.linear_eval(visual, toy / "imagenet", size, torch.device("cpu"), epochs=1, batch_size=64, workers=0)
+    assert 0 <= top1 <= 100
+    assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
+
+
+def test_an_incomplete_voc_folder_names_the_missing_file(toy, tmp_path):
+    import shutil
+    voc = shutil.copytree(toy / "voc" / "VOCdevkit" / "VOC2007", tmp_path / "VOC2007")
+    (voc / "JPEGImages" / "000003.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match="000003.jpg"):
+        probe.read_voc(voc, "trainval")
+    with pytest.raises(FileNotFoundError, match="ImageSets"):
+        probe.read_voc(tmp_path, "trainval")
+
+
+def test_random_and_torchvision_inits(tmp_path):
+    import torchvision
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
+    visual, size = probe.load_backbone(init=f"torchvision:{tmp_path / 'r18.pth'}")
+    assert visual.channels == 512 and size == 224
+    a, _ = probe.load_backbone(init="random", backbone="resnet18")
+    b, _ = probe.load_backbone(init="random", backbone="resnet18")
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="--init"):
+        probe.load_backbone(init="imagenet")

@@ -1,0 +1,90 @@
+"""train.py: the toy world, a few iterations, exact resume, torchrun on CPU, the vocabulary in checkpoints."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import probe
+import train
+import virtex
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--heads", "2", "--feedforward", "64",
+        "--vocab-size", "64", "--batch-size", "8", "--workers", "0", "--warmup", "2", "--log-every", "2"]
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    virtex.make_toy_world(root, size=32, train=48, val=8, voc=24)
+    return root
+
+
+def run(toy, out, *extra):
+    train.main(train.parse_args(["--toy-dir", str(toy), "--out", str(out), *TINY, *extra]))
+
+
+def test_toy_world_is_valid_coco_and_voc(toy):
+    items = virtex.read_captions(toy / "coco", "train")
+    assert len(items) == 48 and all(len(captions) == 5 and path.is_file() for path, captions in items)
+    instances = json.loads((toy / "coco" / "annotations" / "instances_val2017.json").read_text())
+    assert [c["name"] for c in instances["categories"]] == list(virtex.SHAPES)  # kinds only, no colours
+    assert {a["image_id"] for a in instances["annotations"]} <= {i["id"] for i in instances["images"]}
+    paths, labels, classes = probe.read_voc(toy / "voc" / "VOCdevkit" / "VOC2007", "test")
+    assert len(paths) == 24 and classes == sorted(virtex.TOY_CLASSES) and labels.shape == (24, 20)
+    assert set(labels.unique().tolist()) <= {-1, 0, 1} and (labels == 1).any()
+    assert sorted(p.name for p in (toy / "imagenet" / "train").iterdir()) == sorted(virtex.TOY_CLASSES)
+
+
+def test_captions_name_what_the_image_shows():
+    import random
+    rng = random.Random(0)
+    image, objects = virtex.toy_scene(rng, 64, kinds=[("red", "star"), ("blue", "square")])
+    captions = virtex.toy_captions(rng, objects)
+    assert len(captions) == 5 and all("red star" in c and "blue square" in c for c in captions)
+
+
+def test_resume_after_stop_equals_uninterrupted_run(toy, tmp_path):
+    run(toy, tmp_path / "a", "--iterations", "6", "--checkpoint-every", "100")
+    run(toy, tmp_path / "b", "--iterations", "6", "--checkpoint-every", "100", "--stop-after", "3")
+    assert virtex.load_checkpoint(tmp_path / "b" / "last.pt")["iteration"] == 3
+    run(toy, tmp_path / "b", "--iterations", "6", "--checkpoint-every", "100")
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
+    assert a["iteration"] == b["iteration"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["slow"], b["optimizer"]["slow"]))
+    logged = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert {"loss", "loss_forward", "loss_backward", "lr", "img_per_s"} <= set(logged[0])
+    assert any("voc_map" in line and "val_loss" in line for line in logged)
+
+
+def test_checkpoint_carries_its_vocabulary_and_probes(toy, tmp_path):
+    run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt", "checkpoint_2.pt", "checkpoint_4.pt"}
+    model, tokenizer = virtex.load_model(tmp_path / "checkpoint_4.pt")
+    assert tokenizer.model == (tmp_path / "vocab.model").read_bytes()
+    assert model.cfg.image_size == 32 and len(tokenizer) == model.cfg.vocab_size
+    assert "optimizer" not in virtex.load_checkpoint(tmp_path / "checkpoint_4.pt")
+
+
+def test_changed_settings_refuse_to_resume(toy, tmp_path):
+    run(toy, tmp_path, "--iterations", "4", "--stop-after", "2")
+    with pytest.raises(SystemExit, match="hidden"):
+        run(toy, tmp_path, "--iterations", "4", "--hidden", "64", "--heads", "2")
+
+
+def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+               "--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--iterations", "4", "--checkpoint-every", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(command + ["--stop-after", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
+    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming" in second.stdout and virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
