@@ -2,6 +2,7 @@
 
     python train.py                                             # demo: toy world, small model, CPU
     torchrun --nproc_per_node=8 train.py --data datasets/coco   # the paper's run
+    python train.py --benchmark --batch-size 32                 # speed of the training step
 
 Rerunning the same command with the same --out resumes from its last.pt, exactly.
 """
@@ -9,11 +10,11 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
+import random
 import signal
+import tempfile
 import time
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -24,11 +25,12 @@ import probe
 import virtex
 
 LOSSES = ("loss", "loss_forward", "loss_backward")
+RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a run resumes
 
 # The demo: what learns in a few minutes on two CPU cores (README: "The toy world").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, heads=4, feedforward=1024, vocab_size=128,
            batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
-           warmup=100, iterations=1500, checkpoint_every=500)
+           warmup=100, iterations=1500, checkpoint_every=500, out="runs/toy")
 
 
 def get_args_parser():
@@ -69,10 +71,16 @@ def get_args_parser():
     p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warmup iterations (default: {d.warmup})")
     p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default: {d.iterations})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    # speed (none of these changes the maths beyond rounding)
+    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help=f"CUDA autocast (default: {d.amp})")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW activations")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # run
     p.add_argument("--checkpoint-every", type=int, default=2000, help="checkpoint + evaluate (default: 2000)")
     p.add_argument("--log-every", type=int, default=20, help="(default: 20)")
     p.add_argument("--stop-after", type=int, help="stop after this iteration as if preempted; rerun to resume")
+    p.add_argument("--benchmark", nargs="?", const="step", choices=["step", "loader"],
+                   help="time the training step on a synthetic batch, or the data loader, and exit")
     return p
 
 
@@ -80,20 +88,58 @@ def parse_args(argv=None):
     """Parse; without --data the toy preset replaces the paper's defaults (explicit flags still win)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    if args.data is None:
-        parser.set_defaults(**TOY, out="runs/toy")
-        args = parser.parse_args(argv)
-    return args
+    if args.benchmark:
+        parser.set_defaults(iterations=20)
+    elif args.data is None:
+        parser.set_defaults(**TOY)
+    return parser.parse_args(argv)
 
 
 def config_of(args, **override):
-    names = {f.name for f in fields(virtex.Config)}
+    names = {f.name for f in dataclasses.fields(virtex.Config)}
     return virtex.Config(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
 
 
 def print0(*a, **k):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **k, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step, and the speed features around it (each says what it buys)
+
+def autocast(cfg, device):
+    # bf16 halves memory traffic and uses the tensor cores; its range needs no loss scaling.
+    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and cfg.amp != "off")
+
+
+def prepare(model, cfg, device, distributed):
+    """The module to train with: channels_last, compiled, DDP-wrapped as configured."""
+    if cfg.channels_last:  # NHWC: cuDNN's tensor-core convolutions (and oneDNN's on CPU) run without transposes
+        model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # fuses the pointwise ops around the matmuls; compiled before DDP so DDP sees the graph
+        model = torch.compile(model)
+    if distributed:  # every parameter is used in every step: a static graph lets DDP overlap more
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, static_graph=True, gradient_as_bucket_view=True)
+    return model
+
+
+def train_step(model, optimizer, scaler, images, tokens, lengths, step, cfg):
+    """One iteration after `step` optimizer steps: (grad norm, losses...) as a tensor, no sync."""
+    virtex.set_lr(optimizer, step, cfg)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(cfg, images.device):
+        output = model(images, tokens, lengths)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(output["loss"]).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad, foreach=True)
+    scaler.step(optimizer)  # with fp16, a step with inf/nan gradients is skipped (LookAhead's counter too)
+    scaler.update()
+    return torch.stack([grad_norm, *(output[k].detach().float() for k in LOSSES if k in output)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +154,11 @@ def main(args):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest convolution once
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} processes")
+    if args.benchmark:
+        return benchmark(args, device)
 
     # -- data and vocabulary -------------------------------------------------------------------
     demo = args.data is None
@@ -126,16 +175,7 @@ def main(args):
         probe.read_voc(args.voc, "trainval"), probe.read_voc(args.voc, "test")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = Path(args.vocab) if args.vocab else out / "vocab.model"
-    if rank == 0 and not vocab.exists():
-        size = args.vocab_size or virtex.Config.vocab_size
-        print0(f"building a {size}-token vocabulary from the {args.data} train captions")
-        items = virtex.read_captions(args.data, "train")[:args.max_images]
-        virtex.Tokenizer.train((c for _, captions in items for c in captions), out / "vocab", size)
-    barrier()
-    tokenizer = virtex.Tokenizer(vocab)
-    if args.vocab_size and len(tokenizer) != args.vocab_size:
-        raise SystemExit(f"error: {vocab} has {len(tokenizer)} tokens, not --vocab-size {args.vocab_size}")
+    tokenizer = vocabulary(args, out, rank)
     cfg = config_of(args, vocab_size=len(tokenizer))
     train_data = virtex.CocoCaptions(args.data, "train", tokenizer, cfg)
     val_data = virtex.CocoCaptions(args.data, "val", tokenizer, cfg, train=False)
@@ -144,25 +184,24 @@ def main(args):
 
     # -- model and optimizer (the same initial weights in every process and every rerun) ---------
     torch.manual_seed(cfg.seed)
-    model = virtex.VirTex(cfg).to(device)
-    optimizer = virtex.build_optimizer(model, cfg)
+    raw_model = virtex.VirTex(cfg).to(device)
+    optimizer = virtex.build_optimizer(raw_model, cfg, fused=device.type == "cuda")  # fused: one kernel per step
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     start, best_map = 0, -1.0
     if (out / "last.pt").exists():
         checkpoint = virtex.load_checkpoint(out / "last.pt")
-        changed = [k for k, v in checkpoint["config"].items() if k != "workers" and getattr(cfg, k, v) != v]
+        changed = [k for k, v in checkpoint["config"].items() if k not in RUNTIME and getattr(cfg, k, v) != v]
         if changed:
             raise SystemExit(f"error: {out}/last.pt was trained with other settings ({', '.join(changed)}); use another --out")
-        model.load_state_dict(checkpoint["model"])
+        raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint.get("scaler", {}))
         start, best_map = checkpoint["iteration"], checkpoint.get("best_map", -1.0)
         print0(f"resuming {out}/last.pt at iteration {start}")
-    raw_model = model
-    if distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    amp = dict(device_type="cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     stop = min(args.stop_after or cfg.iterations, cfg.iterations)
     if start >= stop:
         return print0(f"{out}/last.pt is at iteration {start}: nothing to do")
+    model = prepare(raw_model, cfg, device, distributed)
     loader = torch.utils.data.DataLoader(
         train_data, batch_sampler=virtex.Stream(len(train_data), cfg.batch_size, cfg.seed, start, stop, rank, world),
         num_workers=cfg.workers, collate_fn=virtex.collate, pin_memory=device.type == "cuda",
@@ -170,30 +209,23 @@ def main(args):
 
     # -- the loop ------------------------------------------------------------------------------
     if rank == 0:
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=cfg.iterations, initial=start, disable=rank != 0, dynamic_ncols=True)
-    losses, skipped, reported, tick = [], [], set(), time.perf_counter()
+    history, skipped, reported, tick = [], [], set(), time.perf_counter()
     model.train()
     with preemption() as preempted:
         for iteration, (images, tokens, lengths, unreadable) in enumerate(loader, start + 1):
             skipped += unreadable
             images, tokens, lengths = (t.to(device, non_blocking=True) for t in (images, tokens, lengths))
-            virtex.set_lr(optimizer, iteration - 1, cfg)
             torch.manual_seed(cfg.seed * 1_000_003 + iteration * 1009 + rank)  # dropout: a function of the step too
-            with torch.autocast(**amp):
-                output = model(images, tokens, lengths)
-            optimizer.zero_grad(set_to_none=True)
-            output["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            optimizer.step()
-            losses.append(torch.stack([grad_norm, *(output[k].detach() for k in LOSSES if k in output)]))
+            history.append(train_step(model, optimizer, scaler, images, tokens, lengths, iteration - 1, cfg))
             bar.update()
 
             end = iteration == stop or any_rank(preempted, control)
             checkpoint_now = end or iteration % args.checkpoint_every == 0
             if iteration % args.log_every == 0 or checkpoint_now:
-                steps = torch.stack(losses).float().cpu()  # (steps, 4): one sync per log interval, not per step
+                steps = torch.stack(history).cpu()  # (steps, 1 + losses): one sync per log interval, not per step
                 if not steps.isfinite().all():  # a non-finite gradient or loss: stop before it reaches a checkpoint
                     bad = iteration - len(steps) + 1 + int((~steps.isfinite().all(1)).nonzero()[0])
                     raise SystemExit(f"error: non-finite loss at iteration {bad}; last good checkpoint: {out}/last.pt")
@@ -203,17 +235,17 @@ def main(args):
                          "lr": optimizer.param_groups[-1]["lr"], "cnn_lr": max(g["lr"] for g in optimizer.param_groups),
                          "ms_per_step": 1000 * seconds / len(steps), "img_per_s": cfg.batch_size * len(steps) / seconds,
                          "unreadable_images": len(skipped)}
-                for problem in set(skipped) - reported:
+                for problem in sorted(set(skipped) - reported):
                     tqdm.write(f"warning: {problem} (replaced by another image)")
                 reported.update(skipped)
                 bar.set_postfix(loss=f"{mean[1]:.3f}", lr=f"{stats['lr']:.2e}", img_s=f"{stats['img_per_s']:.0f}")
                 if log:
                     log.write(json.dumps(stats) + "\n")
                     log.flush()
-                losses, skipped, tick = [], [], time.perf_counter()
+                history, skipped, tick = [], [], time.perf_counter()
             if checkpoint_now:
-                evaluation = save_and_evaluate(raw_model, optimizer, cfg, tokenizer, iteration, best_map, args, out,
-                                               val_data, device, rank, world, log)
+                evaluation = save_and_evaluate(raw_model, optimizer, scaler, cfg, tokenizer, iteration, best_map,
+                                               args, out, val_data, device, rank, world, log)
                 best_map = max(best_map, evaluation.get("voc_map", -1.0))
                 tick = time.perf_counter()
             if end:
@@ -230,6 +262,21 @@ def main(args):
         print(f"toy VOC07 mAP: pretrained {evaluation['voc_map']:.1f} | random init {random_init:.1f}")
     if distributed:
         dist.destroy_process_group()
+
+
+def vocabulary(args, out, rank):
+    """--vocab, else OUT/vocab.model, built by rank 0 from the train captions on the first run."""
+    path = Path(args.vocab) if args.vocab else out / "vocab.model"
+    if rank == 0 and not path.exists():
+        size = args.vocab_size or virtex.Config.vocab_size
+        print0(f"building a {size}-token vocabulary from the {args.data} train captions")
+        items = virtex.read_captions(args.data, "train")[:args.max_images]
+        virtex.Tokenizer.train((c for _, captions in items for c in captions), out / "vocab", size)
+    barrier()
+    tokenizer = virtex.Tokenizer(path)
+    if args.vocab_size and len(tokenizer) != args.vocab_size:
+        raise SystemExit(f"error: {path} has {len(tokenizer)} tokens, not --vocab-size {args.vocab_size}")
+    return tokenizer
 
 
 @contextlib.contextmanager
@@ -263,6 +310,9 @@ def barrier():
         dist.barrier()
 
 
+# ----------------------------------------------------------------------------------------------
+# Evaluation and checkpoints
+
 @torch.no_grad()
 def validate(model, data, cfg, device, rank, world):
     """Teacher-forced val loss, the whole split sharded across processes."""
@@ -272,8 +322,9 @@ def validate(model, data, cfg, device, rank, world):
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=virtex.collate)
     total = torch.zeros(2, device=device)
     for images, tokens, lengths, _ in loader:
-        loss = model(images.to(device), tokens.to(device), lengths.to(device))["loss"]
-        total += torch.stack([loss * len(images), torch.tensor(len(images), device=device)])
+        with autocast(cfg, device):
+            loss = model(images.to(device), tokens.to(device), lengths.to(device))["loss"]
+        total += torch.stack([loss.float() * len(images), torch.tensor(len(images), device=device)])
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train()
@@ -287,27 +338,30 @@ def val_cider(model, data, tokenizer, cfg, device, images=500):
     keys = [(i, i) for i in range(min(images, len(data)))]
     loader = torch.utils.data.DataLoader(data, batch_sampler=[keys[i:i + 50] for i in range(0, len(keys), 50)],
                                          num_workers=cfg.workers, collate_fn=virtex.collate)
-    captions = [c for images, *_ in loader for c in model.caption(images.to(device), max_steps=cfg.max_length)]
+    with autocast(cfg, device):
+        captions = [c for images, *_ in loader for c in model.caption(images.to(device), max_steps=cfg.max_length)]
     model.train()
     candidates = {i: virtex.caption_words(tokenizer.decode(c)) for i, c in enumerate(captions)}
     references = {i: [virtex.caption_words(c) for c in data.items[i][1]] for i in candidates}
     return virtex.cider(candidates, references)[0]
 
 
-def save_and_evaluate(model, optimizer, cfg, tokenizer, iteration, best_map, args, out, val_data, device, rank, world, log):
-    """Evaluate, then write last.pt (full state), best.pt and, on schedule, a weights-only snapshot."""
+def save_and_evaluate(model, optimizer, scaler, cfg, tokenizer, iteration, best_map, args, out, val_data, device, rank, world, log):
+    """Evaluate, then write last.pt (full state), best.pt and, on schedule, a weights-only snapshot
+    (the snapshots are what probing and downstream use: a third of the size)."""
     record = {"iteration": iteration, "val_loss": validate(model, val_data, cfg, device, rank, world)}
     if rank == 0:
         if cfg.task in ("bicaptioning", "captioning"):
             record["val_cider"] = val_cider(model, val_data, tokenizer, cfg, device)
         if args.voc:
-            aps = probe.voc07(model.visual, args.voc, cfg.image_size, device, progress=False)
-            record["voc_map"] = aps.mean().item()
-        weights = {"model": model.state_dict(), "iteration": iteration, "config": asdict(cfg), "vocab": tokenizer.model, **record}
+            record["voc_map"] = probe.voc07(model.visual, args.voc, cfg.image_size, device, progress=False).mean().item()
+        weights = {"model": model.state_dict(), "iteration": iteration, "config": dataclasses.asdict(cfg),
+                   "vocab": tokenizer.model, **record}
         if record.get("voc_map", -1) > best_map:
             virtex.save_checkpoint(out / "best.pt", weights)
         best_map = max(best_map, record.get("voc_map", -1.0))
-        virtex.save_checkpoint(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(), "best_map": best_map})
+        virtex.save_checkpoint(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(),
+                                                 "scaler": scaler.state_dict(), "best_map": best_map})
         if iteration % args.checkpoint_every == 0:
             virtex.save_checkpoint(out / f"checkpoint_{iteration}.pt", weights)
         log.write(json.dumps(record) + "\n")
@@ -315,6 +369,84 @@ def save_and_evaluate(model, optimizer, cfg, tokenizer, iteration, best_map, arg
         tqdm.write(" | ".join(f"{k} {v:.4g}" for k, v in record.items()))
     barrier()
     return record
+
+
+# ----------------------------------------------------------------------------------------------
+# --benchmark: the training step on a synthetic batch, or the data loader alone
+
+def benchmark(args, device):
+    cfg = config_of(args, vocab_size=args.vocab_size or virtex.Config.vocab_size)
+    if args.benchmark == "loader":
+        return benchmark_loader(args, cfg)
+    torch.manual_seed(cfg.seed)
+    raw_model = virtex.VirTex(cfg).to(device)
+    optimizer = virtex.build_optimizer(raw_model, cfg, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
+    model = prepare(raw_model, cfg, device, distributed=False).train()
+    B, T = cfg.batch_size, cfg.max_length
+    images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
+    tokens = torch.randint(4, cfg.vocab_size, (B, T), device=device)  # full-length captions: no padding to skip
+    tokens[:, 0], tokens[:, -1] = virtex.SOS, virtex.EOS
+    lengths = torch.full((B,), T, device=device)
+    step = lambda i: train_step(model, optimizer, scaler, images, tokens, lengths, cfg.warmup + i, cfg)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    for i in range(3):  # warm up: kernels chosen, compiled, allocated
+        step(i)
+    sync()
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for i in range(cfg.iterations):
+        step(i)
+    sync()
+    seconds = (time.perf_counter() - start) / cfg.iterations
+    print(f"{cfg.backbone} L{cfg.layers} H{cfg.hidden} vocab {cfg.vocab_size}, {cfg.image_size} px, batch {B}, {device}"
+          f"{', ' + cfg.amp if device.type == 'cuda' else ''}{', channels_last' if cfg.channels_last else ''}"
+          f"{', compiled' if cfg.compile else ''}: {1000 * seconds:.1f} ms/step, {B / seconds:.1f} img/s")
+    if device.type == "cpu":
+        import resource
+        return print(f"peak memory (process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")
+    print(f"peak memory: {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GB")
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        step(0)
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    a @ a
+    sync()
+    start = time.perf_counter()
+    for _ in range(20):
+        a @ a
+    sync()
+    peak = 20 * 2 * 8192 ** 3 / (time.perf_counter() - start)
+    achieved = counter.get_total_flops() / seconds
+    print(f"{achieved / 1e12:.1f} TFLOP/s of a measured bf16 matmul peak of {peak / 1e12:.0f}: MFU {100 * achieved / peak:.1f}%")
+
+
+def benchmark_loader(args, cfg, images=512):
+    """Images per second out of the training DataLoader (decode, augment, tokenise, collate)."""
+    root = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "coco"
+    if not args.data:  # COCO-sized JPEGs: 640x480 toy scenes
+        (root / "annotations").mkdir(parents=True)
+        (root / "train2017").mkdir()
+        rng, entries = random.Random(0), []
+        for i in range(1, images + 1):
+            scene, objects = virtex.toy_scene(rng, 480)
+            scene.resize((640, 480)).save(root / "train2017" / f"{i:012d}.jpg", quality=90)
+            entries.append((i, virtex.toy_captions(rng, objects)))
+        (root / "annotations" / "captions_train2017.json").write_text(json.dumps({
+            "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i, _ in entries],
+            "annotations": [{"id": 5 * i + k, "image_id": i, "caption": c} for i, cs in entries for k, c in enumerate(cs)]}))
+    captions = (c for _, cs in virtex.read_captions(root, "train")[:5000] for c in cs)
+    tokenizer = virtex.Tokenizer(args.vocab) if args.vocab else virtex.Tokenizer.train(captions, vocab_size=128)
+    data = virtex.CocoCaptions(root, "train", tokenizer, cfg)
+    batches = max(2, images // cfg.batch_size)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=virtex.Stream(len(data), cfg.batch_size, 0, 0, batches + 1),
+                                         num_workers=cfg.workers, collate_fn=virtex.collate)
+    batches = iter(loader)
+    next(batches)  # workers started
+    start = time.perf_counter()
+    count = sum(len(b[0]) for b in batches)
+    seconds = time.perf_counter() - start
+    print(f"loader: {count / seconds:.0f} img/s ({cfg.workers} workers, {cfg.image_size} px crops of {root})")
 
 
 def cli(argv=None):

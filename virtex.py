@@ -80,6 +80,10 @@ class Config:
     warmup: int = 10_000
     iterations: int = 500_000
     seed: int = 0
+    # speed: how the maths is run, not what it is (a run may resume with other values)
+    amp: str = "bf16"  # CUDA autocast: "bf16" (no loss scaling needed), "fp16" (+ GradScaler, the official), "off"
+    channels_last: bool = True  # NHWC activations: the faster convolution kernels on GPU and CPU
+    compile: bool = False  # torch.compile the model (checkpoints keep the plain module's weights)
 
     def __post_init__(self):
         self.heads = self.heads or self.hidden // 64 or 1
@@ -92,6 +96,8 @@ class Config:
             raise ValueError(f"image size {self.image_size} is too small: a ResNet needs at least 32 px")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
+        if self.amp not in ("bf16", "fp16", "off"):
+            raise ValueError(f"amp must be bf16, fp16 or off, not {self.amp!r}")
 
     @classmethod
     def from_dict(cls, d):

@@ -88,3 +88,29 @@ def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):
     second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming" in second.stdout and virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
+
+
+def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
+    import re
+    import signal
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+               "--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--iterations", "200", "--checkpoint-every", "1000"]
+    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    progress = b""
+    while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):  # rank 0's progress bar: training is under way
+        chunk = os.read(process.stderr.fileno(), 4096)
+        assert chunk, progress.decode()[-2000:]
+        progress += chunk
+    process.send_signal(signal.SIGTERM)  # torchrun passes it on to every rank
+    stdout, _ = process.communicate(timeout=120)
+    assert "stopped by a signal after iteration" in stdout.decode()
+    stopped = int(re.search(r"stopped by a signal after iteration (\d+)", stdout.decode())[1])
+    assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == stopped
+
+
+def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+               "--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--batch-size", "3"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "error: --batch-size 3 is not divisible by the 2 processes" in result.stderr

@@ -1,0 +1,137 @@
+"""Bad input gets a clear answer, and no crash or signal loses a checkpoint."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+import virtex
+from conftest import write_coco
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--heads", "2", "--feedforward", "64",
+        "--vocab-size", "64", "--batch-size", "6", "--workers", "0", "--warmup", "1", "--log-every", "1"]
+
+
+@pytest.fixture
+def coco(tmp_path):
+    write_coco(tmp_path / "coco", "train", 12)
+    write_coco(tmp_path / "coco", "val", 3, seed=1)
+    return tmp_path / "coco"
+
+
+def run(data, out, *extra):
+    train.cli(["--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_path, capsys):
+    images = coco / "train2017"
+    (images / "000000000002.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (images / "000000000003.jpg").unlink()
+    Image.new("CMYK", (40, 30), (0, 255, 0, 0)).save(images / "000000000004.jpg")
+    Image.new("I;16", (40, 30), 30000).save(images / "000000000005.png")
+    captions = json.loads((coco / "annotations" / "captions_train2017.json").read_text())
+    captions["images"][4]["file_name"] = "000000000005.png"
+    (coco / "annotations" / "captions_train2017.json").write_text(json.dumps(captions))
+    run(coco, tmp_path / "out", "--iterations", "4", "--checkpoint-every", "100")
+    output = capsys.readouterr().out
+    assert "000000000002.jpg" in output and "000000000003.jpg" in output  # each named (once per run)
+    assert "000000000004.jpg" not in output and "000000000005.png" not in output  # CMYK and 16-bit are fine
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert sum(line.get("unreadable_images", 0) for line in log) >= 2
+    assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 4
+
+
+def test_empty_captions_are_dropped_and_captionless_images_skipped(coco, capsys):
+    path = coco / "annotations" / "captions_train2017.json"
+    captions = json.loads(path.read_text())
+    for ann in captions["annotations"]:
+        if ann["image_id"] == 1:
+            ann["caption"] = "   "
+        if ann["image_id"] == 2:
+            ann["caption"] = None if ann["id"] % 2 else "  a red circle  "
+    captions["annotations"].append({"id": 999, "image_id": 3, "caption": "Größer als ein großer Kreis, très long " * 20})
+    path.write_text(json.dumps(captions))
+    items = dict((p.name, c) for p, c in virtex.read_captions(coco, "train"))
+    assert "000000000001.jpg" not in items and items["000000000002.jpg"] in (["a red circle"], ["a red circle"] * 2)
+    assert "1 images without a non-empty caption skipped" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "{tmp}/nowhere"], "--data {tmp}/nowhere is not a folder"),
+    (["--data", "{tmp}/empty"], "captions_train2017.json: missing"),
+    (["--data", "{coco}", "--voc", "{tmp}/empty"], "ImageSets/Main: missing"),
+    (["--data", "{coco}", "--batch-size", "0"], "batch size must be at least 1"),
+    (["--data", "{coco}", "--image-size", "16"], "image size 16 is too small"),
+    (["--data", "{coco}", "--backbone", "vgg16"], "must be a torchvision ResNet"),
+    (["--data", "{coco}", "--vocab", "{tmp}/v.model", "--vocab-size", "100"], "has 64 tokens, not --vocab-size 100"),
+])
+def test_wrong_invocations_end_with_one_clear_line(flags, message, coco, tmp_path, tokenizer):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "v.model").write_bytes(tokenizer.model)
+    fill = lambda s: s.format(tmp=tmp_path, coco=coco)
+    with pytest.raises(SystemExit, match=f"^error: .*{fill(message)}"):
+        train.cli([*TINY, "--out", str(tmp_path / "out"), *map(fill, flags)])
+
+
+def test_a_bad_invocation_prints_no_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and result.stderr == f"error: --data {tmp_path / 'nowhere'} is not a folder\n"
+
+
+def test_a_vocabulary_that_does_not_match_the_checkpoint_is_refused(tmp_path, model, cfg):
+    from dataclasses import asdict
+    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": asdict(cfg)})
+    other = virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other", vocab_size=100)
+    Image.new("RGB", (40, 40)).save(tmp_path / "x.jpg")
+    with pytest.raises(SystemExit, match="carries no vocabulary"):
+        virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), str(tmp_path / "x.jpg")])
+    with pytest.raises(SystemExit, match="has 100 tokens but .* predicts 64"):
+        virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--vocab", str(tmp_path / "other.model"), str(tmp_path / "x.jpg")])
+
+
+def test_an_interrupted_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    virtex.save_checkpoint(tmp_path / "last.pt", {"iteration": 1, "w": torch.ones(3)})
+    def killed(*_):
+        raise KeyboardInterrupt  # as if killed between writing the temporary file and the rename
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        virtex.save_checkpoint(tmp_path / "last.pt", {"iteration": 2, "w": torch.zeros(3)})
+    assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(coco, tmp_path, monkeypatch):
+    run(coco, tmp_path / "straight", "--iterations", "6", "--checkpoint-every", "100")
+    set_lr = virtex.set_lr
+    def preempt_at_third_step(optimizer, step, cfg):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)  # delivered while iteration 3 runs
+        set_lr(optimizer, step, cfg)
+    monkeypatch.setattr(virtex, "set_lr", preempt_at_third_step)
+    run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
+    assert virtex.load_checkpoint(tmp_path / "preempted" / "last.pt")["iteration"] == 3
+    monkeypatch.setattr(virtex, "set_lr", set_lr)
+    run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("straight", "preempted"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(coco, tmp_path, monkeypatch):
+    forward, calls = virtex.VirTex.forward, []
+    def nan_at_third_step(self, *args):
+        output = forward(self, *args)
+        calls.extend([1] if self.training else [])
+        return {k: v * float("nan") for k, v in output.items()} if len(calls) == 3 else output
+    monkeypatch.setattr(virtex.VirTex, "forward", nan_at_third_step)
+    with pytest.raises(SystemExit, match="non-finite loss at iteration 3"):
+        run(coco, tmp_path, "--iterations", "6", "--checkpoint-every", "2")
+    checkpoint = virtex.load_checkpoint(tmp_path / "last.pt")
+    assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in checkpoint["model"].values() if v.is_floating_point())
