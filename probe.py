@@ -9,13 +9,14 @@ VOC07: frozen backbone, global-average-pooled layer4 features, L2-normalised; pe
 linear SVM with its cost picked by 3-fold cross-validated AP on trainval; AP on test.
 """
 import argparse
+import importlib.util
 import math
+import multiprocessing
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 import virtex
@@ -64,8 +65,8 @@ def extract(visual, paths, image_size, device, batch_size=64, workers=2, progres
     loader = torch.utils.data.DataLoader(Images(paths, image_size), batch_size=batch_size, num_workers=workers)
     features = []
     for images in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
-        with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            grid = visual(images.to(device))  # (B, C, h, w)
+        with virtex.autocast(device):  # the training step's bf16 and channels_last paths
+            grid = visual(images.to(device, memory_format=torch.channels_last))  # (B, C, h, w)
         features.append(F.normalize(grid.float().mean((2, 3)), dim=1).cpu())
     visual.train(training)
     return torch.cat(features)
@@ -117,11 +118,12 @@ def solve_svms(z, y, cost, tol=1e-4, max_newton=50, max_cg=250):
     rel_tol = tol * torch.minimum(positives, total - positives).clamp(min=1) / total
     w = z.new_zeros(y.shape[1], z.shape[1])
     live, w_live, out = torch.arange(y.shape[1], device=z.device), w, z.new_zeros(y.shape)  # out = z @ w_live.T
-    for newton in range(max_newton):
+    stop = None
+    for _ in range(max_newton):
         hinge = (1 - y * out).clamp(min=0)
         grad = w_live - 2 * (cost * y * hinge).T @ z  # (P, D)
         norm = grad.norm(dim=1)
-        stop = rel_tol * norm if newton == 0 else stop
+        stop = rel_tol * norm if stop is None else stop
         done = norm <= stop
         w[live[done]] = w_live[done]
         keep = (~done).nonzero().squeeze(1)
@@ -352,10 +354,7 @@ def benchmark(quick=False):
     ours = evaluate_svms(x_train, y_train, x_test, y_test).mean().item()
     seconds = time.perf_counter() - start
     print(f"torch (all problems batched): {seconds:7.2f} s  mAP {ours:.3f}")
-    try:
-        import multiprocessing
-        import sklearn  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("sklearn") is None:
         return print("scikit-learn not installed: skipping the reference protocol")
     DATA = tuple(t.numpy() for t in (x_train, y_train, x_test, y_test))
     start = time.perf_counter()

@@ -30,7 +30,7 @@ RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a ru
 # The demo: what learns in a few minutes on two CPU cores (README: "The toy world").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, heads=4, feedforward=1024, vocab_size=128,
            batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
-           warmup=100, iterations=1500, checkpoint_every=500, out="runs/toy")
+           warmup=100, iterations=700, checkpoint_every=350, out="runs/toy")
 
 
 def get_args_parser():
@@ -72,7 +72,7 @@ def get_args_parser():
     p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default: {d.iterations})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     # speed (none of these changes the maths beyond rounding)
-    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help=f"CUDA autocast (default: {d.amp})")
+    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help=f"mixed precision where native (default: {d.amp})")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW activations")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # run
@@ -108,12 +108,6 @@ def print0(*a, **k):
 # ----------------------------------------------------------------------------------------------
 # One training step, and the speed features around it (each says what it buys)
 
-def autocast(cfg, device):
-    # bf16 halves memory traffic and uses the tensor cores; its range needs no loss scaling.
-    dtype = torch.float16 if cfg.amp == "fp16" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" and cfg.amp != "off")
-
-
 def prepare(model, cfg, device, distributed):
     """The module to train with: channels_last, compiled, DDP-wrapped as configured."""
     if cfg.channels_last:  # NHWC: cuDNN's tensor-core convolutions (and oneDNN's on CPU) run without transposes
@@ -131,7 +125,7 @@ def train_step(model, optimizer, scaler, images, tokens, lengths, step, cfg):
     virtex.set_lr(optimizer, step, cfg)
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(cfg, images.device):
+    with virtex.autocast(images.device, cfg.amp):  # bf16: half the memory traffic, the fast units
         output = model(images, tokens, lengths)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(output["loss"]).backward()
@@ -322,7 +316,7 @@ def validate(model, data, cfg, device, rank, world):
     loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers, collate_fn=virtex.collate)
     total = torch.zeros(2, device=device)
     for images, tokens, lengths, _ in loader:
-        with autocast(cfg, device):
+        with virtex.autocast(device, cfg.amp):
             loss = model(images.to(device), tokens.to(device), lengths.to(device))["loss"]
         total += torch.stack([loss.float() * len(images), torch.tensor(len(images), device=device)])
     if dist.is_initialized():
@@ -338,7 +332,7 @@ def val_cider(model, data, tokenizer, cfg, device, images=500):
     keys = [(i, i) for i in range(min(images, len(data)))]
     loader = torch.utils.data.DataLoader(data, batch_sampler=[keys[i:i + 50] for i in range(0, len(keys), 50)],
                                          num_workers=cfg.workers, collate_fn=virtex.collate)
-    with autocast(cfg, device):
+    with virtex.autocast(device, cfg.amp):
         captions = [c for images, *_ in loader for c in model.caption(images.to(device), max_steps=cfg.max_length)]
     model.train()
     candidates = {i: virtex.caption_words(tokenizer.decode(c)) for i, c in enumerate(captions)}

@@ -32,7 +32,7 @@ import random
 import re
 import sys
 import unicodedata
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import sentencepiece as spm
@@ -81,7 +81,7 @@ class Config:
     iterations: int = 500_000
     seed: int = 0
     # speed: how the maths is run, not what it is (a run may resume with other values)
-    amp: str = "bf16"  # CUDA autocast: "bf16" (no loss scaling needed), "fp16" (+ GradScaler, the official), "off"
+    amp: str = "bf16"  # autocast where native (see `autocast`): "bf16", "fp16" (GPU, + GradScaler, the official), "off"
     channels_last: bool = True  # NHWC activations: the faster convolution kernels on GPU and CPU
     compile: bool = False  # torch.compile the model (checkpoints keep the plain module's weights)
 
@@ -755,6 +755,14 @@ class LookAhead:
         self.optimizer.load_state_dict(state)
         # An official checkpoint has no slow weights: restart the cycle from the loaded weights.
         torch._foreach_copy_(self.slow, slow if slow is not None else self.params)
+
+
+def autocast(device, amp="bf16"):
+    """Mixed precision where the hardware has it: bf16 (no loss scaling needed) on GPUs and on
+    CPUs with native bf16 units (AVX512-BF16, AMX), fp16 on GPUs; elsewhere fp32."""
+    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", bool)() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    enabled = amp != "off" and (device.type == "cuda" or (amp == "bf16" and native_bf16))
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=enabled)
 
 
 def no_weight_decay(name):

@@ -89,7 +89,7 @@ def test_a_bad_invocation_prints_no_traceback(tmp_path):
 def test_a_vocabulary_that_does_not_match_the_checkpoint_is_refused(tmp_path, model, cfg):
     from dataclasses import asdict
     virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": asdict(cfg)})
-    other = virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other", vocab_size=100)
+    virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other", vocab_size=100)
     Image.new("RGB", (40, 40)).save(tmp_path / "x.jpg")
     with pytest.raises(SystemExit, match="carries no vocabulary"):
         virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), str(tmp_path / "x.jpg")])
