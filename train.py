@@ -30,7 +30,7 @@ RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a ru
 # The demo: what learns in a few minutes on two CPU cores (README: "The toy world").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, heads=4, feedforward=1024, vocab_size=128,
            batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
-           warmup=100, iterations=700, checkpoint_every=350, out="runs/toy")
+           warmup=100, iterations=1000, checkpoint_every=500, out="runs/toy")
 
 
 def get_args_parser():
@@ -393,9 +393,10 @@ def benchmark(args, device):
         step(i)
     sync()
     seconds = (time.perf_counter() - start) / cfg.iterations
-    print(f"{cfg.backbone} L{cfg.layers} H{cfg.hidden} vocab {cfg.vocab_size}, {cfg.image_size} px, batch {B}, {device}"
-          f"{', ' + cfg.amp if device.type == 'cuda' else ''}{', channels_last' if cfg.channels_last else ''}"
-          f"{', compiled' if cfg.compile else ''}: {1000 * seconds:.1f} ms/step, {B / seconds:.1f} img/s")
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[virtex.amp_dtype(device, cfg.amp)]
+    print(f"{cfg.backbone} L{cfg.layers} H{cfg.hidden} vocab {cfg.vocab_size}, {cfg.image_size} px, batch {B}, {device}, "
+          f"{precision}{', channels_last' if cfg.channels_last else ''}{', compiled' if cfg.compile else ''}: "
+          f"{1000 * seconds:.1f} ms/step, {B / seconds:.1f} img/s")
     if device.type == "cpu":
         import resource
         return print(f"peak memory (process): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GB")

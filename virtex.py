@@ -757,12 +757,18 @@ class LookAhead:
         torch._foreach_copy_(self.slow, slow if slow is not None else self.params)
 
 
-def autocast(device, amp="bf16"):
-    """Mixed precision where the hardware has it: bf16 (no loss scaling needed) on GPUs and on
-    CPUs with native bf16 units (AVX512-BF16, AMX), fp16 on GPUs; elsewhere fp32."""
+def amp_dtype(device, amp="bf16"):
+    """The autocast dtype, where the hardware runs it natively: bf16 (no loss scaling needed) on
+    GPUs and on CPUs with bf16 units (AVX512-BF16, AMX), fp16 on GPUs; None means fp32."""
     native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", bool)() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
-    enabled = amp != "off" and (device.type == "cuda" or (amp == "bf16" and native_bf16))
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16, enabled=enabled)
+    if amp == "fp16" and device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if amp == "bf16" and (device.type == "cuda" or native_bf16) else None
+
+
+def autocast(device, amp="bf16"):
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def no_weight_decay(name):
