@@ -8,9 +8,10 @@ Transformer decoder reads the caption left to right and a backward one right to 
 attending to the grid; the loss is the sum of their next-token cross-entropies. After
 pretraining the heads are thrown away and the ResNet is the product (probe.py judges it).
 
-Reading order = data flow: tokenizer -> COCO captions + transforms -> visual backbone ->
-textual head -> VirTex model (loss, decoding) -> LookAhead, parameter groups, LR schedule ->
-checkpoints (ours and official) -> the built-in toy world.
+Reading order = data flow: Config -> tokenizer -> COCO captions + transforms -> visual backbone
+-> textual head -> VirTex model (losses of every pretraining task, decoding) -> CIDEr ->
+LookAhead, parameter groups, LR schedule, mixed precision -> checkpoints (ours and official,
+backbone export) -> the built-in toy world -> command line (`caption`, `export`).
 
 Deliberate differences from the official code (the README says why):
 - the flip augmentation swaps the *words* "left"/"right", not every substring ("bright" stays);
@@ -46,6 +47,7 @@ from torch import nn
 PAD = UNK = 0  # the official vocabulary pads with <unk>: an unknown word is ignored like padding
 SOS, EOS, MASK = 1, 2, 3
 TASKS = ("bicaptioning", "captioning", "masked_lm", "token_classification", "multilabel_classification")
+RESNETS = [name for name in torchvision.models.resnet.__all__ if name[0].islower()]  # resnet50, wide_resnet50_2, ...
 
 
 @dataclass
@@ -373,11 +375,10 @@ class Stream(torch.utils.data.Sampler):
 class Visual(nn.Module):
     def __init__(self, name="resnet50"):
         super().__init__()
-        builder = getattr(torchvision.models, name, None)
-        if name not in torchvision.models.resnet.__all__ or not callable(builder) or name[0].isupper():
-            raise ValueError(f"backbone must be a torchvision ResNet (resnet50, resnet101, wide_resnet50_2, ...), not {name!r}")
+        if name not in RESNETS:
+            raise ValueError(f"backbone must be a torchvision ResNet ({', '.join(RESNETS)}), not {name!r}")
         # zero_init_residual: every residual branch starts as identity (the official setting)
-        self.cnn = builder(zero_init_residual=True)
+        self.cnn = getattr(torchvision.models, name)(zero_init_residual=True)
         self.channels = self.cnn.fc.in_features
         self.cnn.fc = nn.Identity()  # no fc.* keys, as in the official state dict
 
@@ -856,12 +857,11 @@ def model_state(checkpoint, path="checkpoint"):
 def infer_backbone(state):
     """The torchvision ResNet whose weight shapes match visual.cnn.* exactly."""
     shapes = {k[len("visual.cnn."):]: tuple(v.shape) for k, v in state.items() if k.startswith("visual.cnn.")}
-    for name in torchvision.models.resnet.__all__:
-        if name[0].islower():
-            with torch.device("meta"):
-                cnn = getattr(torchvision.models, name)()
-            if {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.startswith("fc.")} == shapes:
-                return name
+    for name in RESNETS:
+        with torch.device("meta"):
+            cnn = getattr(torchvision.models, name)()
+        if {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.startswith("fc.")} == shapes:
+            return name
     raise ValueError("visual.cnn.* matches no torchvision ResNet")
 
 
@@ -1073,13 +1073,14 @@ def cross_attention(model, images, captions):
 
 
 def draw_attention(image, words, maps, path, cell=160, per_row=6):
-    """The image, then for each word the image lit where the model attended, the word below it."""
+    """The image, then for each word the image lit where the model attended (rescaled per word
+    from least to most attended cell), the word below it."""
     from PIL import ImageDraw
     image = image.resize((cell, cell))
     dark = image.point(lambda v: v // 4)
     panels = [(image, "")]
     for word, grid in zip(words, maps):
-        heat = (255 * grid / grid.max()).byte()  # (h, w)
+        heat = (255 * (grid - grid.min()) / (grid.max() - grid.min() + 1e-8)).byte()  # (h, w)
         mask = Image.frombytes("L", heat.shape[::-1], bytes(heat.flatten().tolist())).resize((cell, cell), Image.BILINEAR)
         panels.append((Image.composite(image, dark, mask), word))
     rows = math.ceil(len(panels) / per_row)
