@@ -232,9 +232,12 @@ def read_voc(root, split):
         raise FileNotFoundError(f"{main}/<class>_{split}.txt: missing")
     columns, ids = [], None
     for c in classes:
-        lines = [line.split() for line in (main / f"{c}_{split}.txt").read_text().splitlines() if line.strip()]
+        path = main / f"{c}_{split}.txt"
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        if any(len(line) != 2 or line[1] not in ("1", "-1", "0") for line in lines):
+            raise ValueError(f"{path}: not VOC labels (lines of an image id and 1, -1 or 0)")
         if ids is not None and [i for i, _ in lines] != ids:
-            raise ValueError(f"{main / f'{c}_{split}.txt'}: lists other images than {classes[0]}_{split}.txt")
+            raise ValueError(f"{path}: lists other images than {classes[0]}_{split}.txt")
         ids = [i for i, _ in lines]
         columns.append([{"1": 1, "-1": 0, "0": -1}[v] for _, v in lines])  # VOC 0 means difficult
     paths = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
@@ -245,8 +248,10 @@ def read_voc(root, split):
 
 
 def voc_features(visual, root, image_size, device, cache=None, workers=2, progress=True):
-    """{"trainval": (x, y), "test": (x, y)} extracted once; `cache` is a file to reuse across runs."""
-    key = {"voc": str(Path(root).resolve()), "image_size": image_size}
+    """{"trainval": (x, y), "test": (x, y)} extracted once; `cache` is a file to reuse across runs
+    (it remembers which weights, VOC folder and image size it holds, and refuses others)."""
+    weights = sum(p.double().sum().item() for p in visual.state_dict().values() if p.is_floating_point())
+    key = {"voc": str(Path(root).resolve()), "image_size": image_size, "weights": round(weights, 6)}
     if cache and Path(cache).exists():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] != key:
@@ -285,7 +290,9 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
     val = torchvision.datasets.ImageFolder(Path(root) / "val", T.Compose([
         T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), normalize]))
     loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, num_workers=workers, drop_last=len(train) > batch_size)
-    visual.eval().requires_grad_(False)
+    features = lambda images: visual(images.to(device, memory_format=torch.channels_last)).float().mean((2, 3))
+    training = visual.training
+    visual.eval()  # frozen, BatchNorm statistics included
     head = torch.nn.Linear(visual.channels, len(train.classes)).to(device)
     torch.nn.init.normal_(head.weight, std=0.01)
     torch.nn.init.zeros_(head.bias)
@@ -295,17 +302,18 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
         for images, labels in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr * math.cos(math.pi / 2 * step / total) ** 2
-            with torch.no_grad():
-                features = visual(images.to(device)).mean((2, 3))
-            loss = F.cross_entropy(head(features), labels.to(device))
+            with torch.no_grad(), virtex.autocast(device):
+                x = features(images)
+            loss = F.cross_entropy(head(x), labels.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
     correct = 0
-    with torch.no_grad():
+    with torch.no_grad(), virtex.autocast(device):
         for images, labels in torch.utils.data.DataLoader(val, batch_size, num_workers=workers):
-            correct += (head(visual(images.to(device)).mean((2, 3))).argmax(1).cpu() == labels).sum().item()
+            correct += (head(features(images)).argmax(1).cpu() == labels).sum().item()
+    visual.train(training)
     return 100 * correct / len(val)
 
 

@@ -220,11 +220,13 @@ def main(args):
             checkpoint_now = end or iteration % args.checkpoint_every == 0
             if iteration % args.log_every == 0 or checkpoint_now:
                 steps = torch.stack(history).cpu()  # (steps, 1 + losses): one sync per log interval, not per step
-                if not steps.isfinite().all():  # a non-finite gradient or loss: stop before it reaches a checkpoint
-                    bad = iteration - len(steps) + 1 + int((~steps.isfinite().all(1)).nonzero()[0])
+                finite = steps.isfinite()
+                finite[:, 0] |= scaler.is_enabled()  # fp16: the scaler skips steps with inf gradients, as it should
+                if not finite.all():  # a non-finite gradient or loss: stop before it reaches a checkpoint
+                    bad = iteration - len(steps) + 1 + int((~finite.all(1)).nonzero()[0])
                     raise SystemExit(f"error: non-finite loss at iteration {bad}; last good checkpoint: {out}/last.pt")
                 seconds = time.perf_counter() - tick
-                mean = steps.mean(0).tolist()
+                mean = steps.where(steps.isfinite(), torch.nan).nanmean(0).tolist()
                 stats = {"iteration": iteration, **dict(zip(("grad_norm", *LOSSES), mean)),
                          "lr": optimizer.param_groups[-1]["lr"], "cnn_lr": max(g["lr"] for g in optimizer.param_groups),
                          "ms_per_step": 1000 * seconds / len(steps), "img_per_s": cfg.batch_size * len(steps) / seconds,

@@ -150,3 +150,20 @@ def test_random_and_torchvision_inits(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     with pytest.raises(ValueError, match="--init"):
         probe.load_backbone(init="imagenet")
+
+
+def test_a_feature_cache_of_other_weights_is_refused(checkpoint, toy, tmp_path):
+    voc = toy / "voc" / "VOCdevkit" / "VOC2007"
+    visual, size = probe.load_backbone(checkpoint)
+    probe.voc_features(visual, voc, size, torch.device("cpu"), tmp_path / "f.pt", workers=0, progress=False)
+    other, _ = probe.load_backbone(init="random", backbone="resnet18", seed=1)
+    with pytest.raises(ValueError, match="f.pt: features of"):
+        probe.voc_features(other, voc, size, torch.device("cpu"), tmp_path / "f.pt", workers=0, progress=False)
+
+
+def test_malformed_voc_labels_are_named(toy, tmp_path):
+    import shutil
+    voc = shutil.copytree(toy / "voc" / "VOCdevkit" / "VOC2007", tmp_path / "VOC2007")
+    (voc / "ImageSets" / "Main" / "red_star_test.txt").write_text("000001 yes\n")
+    with pytest.raises(ValueError, match="red_star_test.txt: not VOC labels"):
+        probe.read_voc(voc, "test")
