@@ -884,22 +884,29 @@ def official_config(state, heads=None, task=None):
 
 
 def with_aliases(state):
-    """Add the keys a strict load expects but a de-duplicated state dict may lack (shared tensors)."""
+    """Fill in the keys of shared tensors that a de-duplicated state dict (one converted to
+    safetensors, say) lacks: the tied output weight and the backward head's shared modules."""
     state = dict(state)
     if "textual.embedding.words.weight" in state:
         state.setdefault("textual.output.weight", state["textual.embedding.words.weight"])
-    for k in [k for k in state if k.startswith("textual.") and k.split(".")[1] in ("visual_projection", "embedding", "output")]:
-        if any(s.startswith("backward_textual.transformer.") for s in state):
-            state.setdefault("backward_" + k, state[k])
+    if any(k.startswith("backward_textual.") for k in state):
+        for k in [k for k in state if k.startswith(("textual.visual_projection.", "textual.embedding.", "textual.output."))]:
+            state.setdefault(f"backward_{k}", state[k])
     return state
+
+
+def load_weights(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the model it describes ({str(e).splitlines()[1].strip()})") from None
+    return model
 
 
 def from_official(path, heads=None, task=None):
     """A VirTex loaded from a checkpoint saved by the official code ({"model": ...} or bare)."""
     state = model_state(load_checkpoint(path), path)
-    model = VirTex(official_config(state, heads, task))
-    model.load_state_dict(with_aliases(state))
-    return model
+    return load_weights(VirTex(official_config(state, heads, task)), with_aliases(state), path)
 
 
 def load_model(path, heads=None, task=None):
@@ -907,10 +914,8 @@ def load_model(path, heads=None, task=None):
     checkpoint = load_checkpoint(path)
     if "config" not in checkpoint:
         return from_official(path, heads, task), None
-    model = VirTex(Config.from_dict(checkpoint["config"]))
-    model.load_state_dict(model_state(checkpoint, path))
+    model = load_weights(VirTex(Config.from_dict(checkpoint["config"])), model_state(checkpoint, path), path)
     return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
-
 
 
 def export_backbone(model, format="torchvision"):

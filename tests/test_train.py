@@ -72,6 +72,17 @@ def test_checkpoint_carries_its_vocabulary_and_probes(toy, tmp_path):
     assert "optimizer" not in virtex.load_checkpoint(tmp_path / "checkpoint_4.pt")
 
 
+@pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification", "multilabel_classification"])
+def test_every_task_trains_and_its_checkpoint_loads_back(task, toy, tmp_path):
+    run(toy, tmp_path, "--task", task, "--iterations", "2", "--checkpoint-every", "2")
+    model, _ = virtex.load_model(tmp_path / "last.pt")
+    assert model.cfg.task == task and not hasattr(model, "backward_textual")
+    assert model.cfg.vocab_size == (len(virtex.SHAPES) + 1 if task == "multilabel_classification" else 64)
+    state = virtex.load_checkpoint(tmp_path / "last.pt")["model"]
+    official = virtex.from_official(tmp_path / "last.pt", heads=2, task=task)  # the official reader sees the same model
+    assert all(torch.equal(official.state_dict()[k], v) for k, v in state.items())
+
+
 def test_changed_settings_refuse_to_resume(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--stop-after", "2")
     with pytest.raises(SystemExit, match="hidden"):
