@@ -24,11 +24,8 @@ import virtex
 # ----------------------------------------------------------------------------------------------
 # Backbones: ours, the official code's, a torchvision ResNet, or a random initialisation
 
-def load_backbone(ckpt=None, init=None, backbone="resnet50", seed=0):
-    """(visual, image size it was trained at) for --ckpt PATH or --init {random,torchvision:PATH}."""
-    if ckpt:
-        model, _ = virtex.load_model(ckpt)
-        return model.visual, model.cfg.image_size
+def load_backbone(init, backbone="resnet50", seed=0):
+    """(visual, 224) for --init random (seeded) or --init torchvision:PATH (a ResNet state dict)."""
     if init == "random":
         torch.manual_seed(seed)
         return virtex.Visual(backbone), 224
@@ -408,7 +405,7 @@ def backbones(args):
         model, _ = virtex.load_model(path)
         found.append((str(path), model.visual, model.cfg.image_size, model.cfg))
     if args.init:
-        visual, size = load_backbone(init=args.init, backbone=args.backbone)
+        visual, size = load_backbone(args.init, args.backbone)
         found.append((args.init, visual, size, None))
     if not found:
         raise ValueError("nothing to probe: give --ckpt and/or --init")

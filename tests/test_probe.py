@@ -121,7 +121,8 @@ def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_pat
 
 
 def test_backbone_stays_bit_identical_while_probing(checkpoint, toy):
-    visual, size = probe.load_backbone(checkpoint)
+    model, _ = virtex.load_model(checkpoint)
+    visual, size = model.visual, model.cfg.image_size
     visual.train()
     before = {k: v.clone() for k, v in visual.state_dict().items()}
     probe.voc07(visual, toy / "voc" / "VOCdevkit" / "VOC2007", size, torch.device("cpu"), workers=0, progress=False)
@@ -143,20 +144,21 @@ def test_an_incomplete_voc_folder_names_the_missing_file(toy, tmp_path):
 def test_random_and_torchvision_inits(tmp_path):
     import torchvision
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
-    visual, size = probe.load_backbone(init=f"torchvision:{tmp_path / 'r18.pth'}")
+    visual, size = probe.load_backbone(f"torchvision:{tmp_path / 'r18.pth'}")
     assert visual.channels == 512 and size == 224
-    a, _ = probe.load_backbone(init="random", backbone="resnet18")
-    b, _ = probe.load_backbone(init="random", backbone="resnet18")
+    a, _ = probe.load_backbone("random", "resnet18")
+    b, _ = probe.load_backbone("random", "resnet18")
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     with pytest.raises(ValueError, match="--init"):
-        probe.load_backbone(init="imagenet")
+        probe.load_backbone("imagenet")
 
 
 def test_a_feature_cache_of_other_weights_is_refused(checkpoint, toy, tmp_path):
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
-    visual, size = probe.load_backbone(checkpoint)
+    model, _ = virtex.load_model(checkpoint)
+    visual, size = model.visual, model.cfg.image_size
     probe.voc_features(visual, voc, size, torch.device("cpu"), tmp_path / "f.pt", workers=0, progress=False)
-    other, _ = probe.load_backbone(init="random", backbone="resnet18", seed=1)
+    other, _ = probe.load_backbone("random", "resnet18", seed=1)
     with pytest.raises(ValueError, match="f.pt: features of"):
         probe.voc_features(other, voc, size, torch.device("cpu"), tmp_path / "f.pt", workers=0, progress=False)
 
