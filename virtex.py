@@ -67,7 +67,7 @@ class Config:
     # data
     image_size: int = 224
     crop_scale: float = 0.2  # smallest area fraction of the random resized crop
-    max_images: int = None  # pretrain on the first N images only (data-efficiency studies)
+    max_images: int = None  # pretrain on N images only (data-efficiency studies)
     batch_size: int = 256  # global: split across processes
     workers: int = 4  # DataLoader processes per training process
     # optimisation
@@ -124,7 +124,10 @@ class Tokenizer:
 
     def __init__(self, model):
         self.model = model if isinstance(model, bytes) else Path(model).read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model)
+        except RuntimeError:
+            raise ValueError(f"{'vocabulary' if isinstance(model, bytes) else model}: not a SentencePiece model") from None
 
     @classmethod
     def train(cls, captions, prefix=None, vocab_size=10_000):
@@ -164,8 +167,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 
 
 def swap_left_right(caption):
-    """The flip augmentation's caption edit (paper section 3.2): whole words only."""
-    return re.sub(r"\b(left|right)\b", lambda m: "right" if m[0] == "left" else "left", caption)
+    """The flip augmentation's caption edit (paper section 3.2): whole words only, any case
+    (captions are lowercased when encoded)."""
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m[0].lower() == "left" else "left", caption, flags=re.I)
 
 
 def random_resized_crop(image, size, scale, generator, ratio=(3 / 4, 4 / 3)):
@@ -283,6 +287,11 @@ def read_categories(root, split):
     return [(root / f"{split}2017" / files[i], [sorted(labels[i])]) for i in files if i in labels], len(index)
 
 
+def first_images(items, n):
+    """The pretraining subset of --max-images N: the same N images (smallest ids) for every task."""
+    return sorted(items, key=lambda item: item[0].name)[:n] if n else items
+
+
 class CocoCaptions(torch.utils.data.Dataset):
     """One image and one of its captions, as (image, [SOS] tokens [EOS]).
 
@@ -296,7 +305,10 @@ class CocoCaptions(torch.utils.data.Dataset):
             self.items, self.classes = read_categories(root, split)
         else:
             self.items = read_captions(root, split)
-        self.items = self.items[:cfg.max_images]
+        if not (Path(root) / f"{split}2017").is_dir():
+            raise FileNotFoundError(f"{Path(root) / f'{split}2017'}: missing (the {split} images)")
+        if train:
+            self.items = first_images(self.items, cfg.max_images)
         self.tokenizer, self.train = tokenizer, train
         self.size, self.crop_scale, self.max_length = cfg.image_size, cfg.crop_scale, cfg.max_length
         # Decode only as many JPEG pixels as the smallest crop can use.
@@ -752,10 +764,9 @@ class LookAhead:
     @torch.no_grad()
     def load_state_dict(self, state):
         state = dict(state)
-        slow, self.counter = state.pop("slow", None), state.pop("counter", 0)
+        slow, self.counter = state.pop("slow"), state.pop("counter")
         self.optimizer.load_state_dict(state)
-        # An official checkpoint has no slow weights: restart the cycle from the loaded weights.
-        torch._foreach_copy_(self.slow, slow if slow is not None else self.params)
+        torch._foreach_copy_(self.slow, slow)
 
 
 def amp_dtype(device, amp="bf16"):
@@ -1078,16 +1089,16 @@ def cross_attention(model, images, captions):
 
 
 def draw_attention(image, words, maps, path, cell=160, per_row=6):
-    """The image, then for each word the image lit where the model attended (rescaled per word
-    from least to most attended cell), the word below it."""
+    """The image, then for each word its attention map as a heatmap over the image (dark to
+    yellow, relative to the word's most attended cell: a uniform map is uniformly hot), the word below."""
     from PIL import ImageDraw
     image = image.resize((cell, cell))
-    dark = image.point(lambda v: v // 4)
+    hot = [lambda v: min(255, 3 * v), lambda v: min(255, max(0, 3 * v - 255)), lambda v: max(0, 3 * v - 510)]
     panels = [(image, "")]
     for word, grid in zip(words, maps):
-        heat = (255 * (grid - grid.min()) / (grid.max() - grid.min() + 1e-8)).byte()  # (h, w)
+        heat = (255 * grid / grid.max()).byte()  # (h, w)
         mask = Image.frombytes("L", heat.shape[::-1], bytes(heat.flatten().tolist())).resize((cell, cell), Image.BILINEAR)
-        panels.append((Image.composite(image, dark, mask), word))
+        panels.append((Image.blend(image, Image.merge("RGB", [mask.point(f) for f in hot]), 0.6), word))
     rows = math.ceil(len(panels) / per_row)
     sheet = Image.new("RGB", (cell * min(per_row, len(panels)), rows * (cell + 20)), "white")
     draw = ImageDraw.Draw(sheet)

@@ -1,4 +1,6 @@
 """virtex.py: tokenizer, data, model, decoding, optimisation and checkpoints behave like the paper's code."""
+import dataclasses
+import json
 import math
 import pickle
 import re
@@ -6,6 +8,7 @@ import re
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 import virtex
@@ -57,6 +60,24 @@ def test_tokenizer_reports_a_vocabulary_too_large_for_the_corpus():
 def test_flip_swaps_left_and_right_words_only():
     assert virtex.swap_left_right("a bright car left of a tree, right?") == "a bright car right of a tree, left?"
     assert virtex.swap_left_right("upright leftover") == "upright leftover"
+
+
+def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
+    (tmp_path / "train2017").mkdir(), (tmp_path / "annotations").mkdir()
+    image = Image.new("RGB", (80, 60), (255, 0, 0))
+    image.paste((0, 0, 255), (40, 0, 80, 60))  # red left half, blue right half
+    image.save(tmp_path / "train2017" / "1.jpg")
+    (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"id": 1, "image_id": 1, "caption": "A red circle Left of a blue circle"}]}))
+    data = virtex.CocoCaptions(tmp_path, "train", tokenizer, dataclasses.replace(cfg, crop_scale=1.0))
+    seen = set()
+    for seed in range(20):
+        image, tokens, _ = data[(0, seed)]
+        flipped = bool(image[2, :, :16].mean() > image[0, :, :16].mean())  # blue on the left
+        text = tokenizer.decode(tokens.tolist())
+        assert text == ("a red circle right of a blue circle" if flipped else "a red circle left of a blue circle")
+        seen.add(flipped)
+    assert seen == {True, False}
 
 
 def test_dataset_groups_captions_and_pads_batches(coco, tokenizer, cfg):
@@ -303,8 +324,7 @@ def test_official_checkpoint_loads_with_from_official(tmp_path, model):
 
 
 def test_saved_checkpoint_round_trips_with_its_vocabulary(tmp_path, model, tokenizer, cfg):
-    from dataclasses import asdict
-    virtex.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": asdict(cfg), "vocab": tokenizer.model})
+    virtex.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "vocab": tokenizer.model})
     loaded, tok = virtex.load_model(tmp_path / "ckpt.pt")
     assert loaded.cfg == cfg and tok.encode("a red circle") == tokenizer.encode("a red circle")
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
@@ -351,8 +371,7 @@ def test_classification_targets_are_the_right_sets():
 
 @pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification"])
 def test_each_task_has_the_official_key_layout(task, cfg):
-    from dataclasses import replace
-    keys = set(virtex.VirTex(replace(cfg, task=task)).state_dict())
+    keys = set(virtex.VirTex(dataclasses.replace(cfg, task=task)).state_dict())
     assert not any(k.startswith("backward_textual") for k in keys)
     heads = {k for k in keys if k.startswith("textual.")}
     assert heads == ({"textual.output.weight", "textual.output.bias"} if task.endswith("classification")
@@ -360,17 +379,29 @@ def test_each_task_has_the_official_key_layout(task, cfg):
 
 
 def test_multilabel_dataset_reads_coco_instances(tmp_path, tokenizer, cfg):
-    from dataclasses import replace
-    import json
     write_coco(tmp_path, "train", 3)
     (tmp_path / "annotations" / "instances_train2017.json").write_text(json.dumps({
         "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (1, 2, 3)],
         "categories": [{"id": 17, "name": "cat"}, {"id": 3, "name": "car"}],
         "annotations": [{"image_id": 1, "category_id": 3}, {"image_id": 1, "category_id": 17},
                         {"image_id": 1, "category_id": 3}, {"image_id": 3, "category_id": 17}]}))
-    data = virtex.CocoCaptions(tmp_path, "train", tokenizer, replace(cfg, task="multilabel_classification"))
+    data = virtex.CocoCaptions(tmp_path, "train", tokenizer, dataclasses.replace(cfg, task="multilabel_classification"))
     assert data.classes == 2 and len(data) == 2  # image 2 has no objects
     assert data[(0, 0)][1].tolist() == [1, 2] and data[(1, 0)][1].tolist() == [1]
+
+
+def test_max_images_is_the_same_train_subset_for_every_task(coco, tokenizer, cfg):
+    path = coco / "annotations" / "captions_train2017.json"
+    captions = json.loads(path.read_text())
+    captions["annotations"].reverse()  # the captions file meets images in another order than its image list
+    path.write_text(json.dumps(captions))
+    (coco / "annotations" / "instances_train2017.json").write_text(json.dumps({
+        "images": captions["images"], "categories": [{"id": 1, "name": "thing"}],
+        "annotations": [{"image_id": i["id"], "category_id": 1} for i in captions["images"]]}))
+    subsets = [[p.name for p, _ in virtex.CocoCaptions(coco, "train", tokenizer, dataclasses.replace(cfg, task=t, max_images=5)).items]
+               for t in ("bicaptioning", "multilabel_classification")]
+    assert subsets[0] == subsets[1] == [f"{i:012d}.jpg" for i in range(1, 6)]
+    assert len(virtex.CocoCaptions(coco, "val", tokenizer, dataclasses.replace(cfg, max_images=2), train=False)) == 4
 
 
 # -- captioning you can see --------------------------------------------------------------------
@@ -406,22 +437,25 @@ def test_caption_words_lowercases_and_drops_punctuation():
 
 
 def test_attention_rows_sum_to_one_and_the_picture_is_written(tmp_path, model, tokenizer, cfg):
-    from dataclasses import asdict
     from PIL import Image
     model.eval()
     maps = virtex.cross_attention(model, torch.randn(2, 3, 64, 64), [[5, 6, 7], [8]])
     assert maps.shape == (2, 3, 2, 2)
     torch.testing.assert_close(maps.sum((2, 3)), torch.ones(2, 3))
-    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": asdict(cfg), "vocab": tokenizer.model})
+    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "vocab": tokenizer.model})
     Image.new("RGB", (90, 70), "red").save(tmp_path / "red.jpg")
     virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--beam", "2", "--attention", str(tmp_path / "att"), str(tmp_path / "red.jpg")])
     picture = Image.open(tmp_path / "att" / "red.png")
     assert picture.width >= 160 and picture.height >= 180
 
 
-def test_export_round_trips_into_torchvision_resnet(model, tmp_path):
-    state = virtex.export_backbone(model, "torchvision")
-    resnet = torchvision.models.resnet18()
+def test_export_round_trips_into_torchvision_resnet50(cfg, tokenizer, tmp_path):
+    torch.manual_seed(0)
+    model = virtex.VirTex(dataclasses.replace(cfg, backbone="resnet50"))
+    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg), "vocab": tokenizer.model})
+    virtex.main(["export", "--ckpt", str(tmp_path / "m.pt"), str(tmp_path / "resnet.pth")])
+    state = torch.load(tmp_path / "resnet.pth", weights_only=True)
+    resnet = torchvision.models.resnet50()
     missing, unexpected = resnet.load_state_dict(state, strict=False)
     assert missing == ["fc.weight", "fc.bias"] and unexpected == []
     resnet.fc = nn.Identity()
