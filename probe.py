@@ -224,12 +224,15 @@ def read_voc(root, split):
     main = root / "ImageSets" / "Main"
     if not main.is_dir():
         raise FileNotFoundError(f"{main}: missing (is {root} a VOCdevkit/VOC2007 folder?)")
-    classes = sorted(p.name[:-len(f"_{split}.txt")] for p in main.glob(f"*_{split}.txt"))
+    # The classes of both splits, so that trainval and test cannot disagree on them.
+    classes = sorted({p.name[:-len(f"_{s}.txt")] for s in ("trainval", "test") for p in main.glob(f"*_{s}.txt")})
     if not classes:
         raise FileNotFoundError(f"{main}/<class>_{split}.txt: missing")
     columns, ids = [], None
     for c in classes:
         path = main / f"{c}_{split}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (the other split has class {c})")
         lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
         if any(len(line) != 2 or line[1] not in ("1", "-1", "0") for line in lines):
             raise ValueError(f"{path}: not VOC labels (lines of an image id and 1, -1 or 0)")

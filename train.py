@@ -28,60 +28,68 @@ LOSSES = ("loss", "loss_forward", "loss_backward")
 RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a run resumes
 
 # The demo: what learns in a few minutes on two CPU cores (README: "The toy world").
-TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, heads=4, feedforward=1024, vocab_size=128,
+TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, vocab_size=128,
            batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
            warmup=100, iterations=1000, checkpoint_every=500, out="runs/toy")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Without --data (the demo) these replace the defaults: "
+                                + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TOY.items()))
     d = virtex.Config()
-    # data and output
-    p.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/); default: the toy world")
-    p.add_argument("--voc", help="VOCdevkit/VOC2007 folder: probe every checkpoint, keep the best as best.pt")
-    p.add_argument("--vocab", help="SentencePiece model to use (default: build one from the train captions)")
-    p.add_argument("--out", default="runs/virtex", help="output folder (default: runs/virtex, runs/toy for the demo)")
-    p.add_argument("--toy-dir", default="data/toy", help="where the toy world is generated (default: data/toy)")
-    # model
-    p.add_argument("--task", default=d.task, choices=virtex.TASKS, help=f"pretraining task (default: {d.task})")
-    p.add_argument("--backbone", default=d.backbone, help=f"torchvision ResNet (default: {d.backbone})")
-    p.add_argument("--layers", type=int, default=d.layers, help=f"decoder layers (default: {d.layers})")
-    p.add_argument("--hidden", type=int, default=d.hidden, help=f"decoder width H (default: {d.hidden})")
-    p.add_argument("--heads", type=int, help="attention heads (default: H/64)")
-    p.add_argument("--feedforward", type=int, help="feedforward width (default: 4H)")
-    p.add_argument("--norm-first", action="store_true", help="pre-norm decoder layers (default: post-norm)")
-    p.add_argument("--dropout", type=float, default=d.dropout, help=f"(default: {d.dropout})")
-    p.add_argument("--vocab-size", type=int, help=f"(default: {d.vocab_size}, or the size of --vocab)")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per caption (default: {d.max_length})")
-    # data
-    p.add_argument("--image-size", type=int, default=d.image_size, help=f"(default: {d.image_size})")
-    p.add_argument("--crop-scale", type=float, default=d.crop_scale, help=f"smallest random crop area (default: {d.crop_scale})")
-    p.add_argument("--max-images", type=int, help="pretrain on the first N images only (default: all)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default: {d.batch_size})")
-    p.add_argument("--workers", type=int, default=d.workers, help=f"loader processes per GPU (default: {d.workers})")
-    # optimisation
-    p.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"], help=f"inside LookAhead (default: {d.optimizer})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"LR of the textual head (default: {d.lr})")
-    p.add_argument("--cnn-lr", type=float, default=d.cnn_lr, help=f"LR of the CNN (default: {d.cnn_lr})")
-    p.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
-    p.add_argument("--lookahead-k", type=int, default=d.lookahead_k, help=f"(default: {d.lookahead_k})")
-    p.add_argument("--lookahead-alpha", type=float, default=d.lookahead_alpha, help=f"(default: {d.lookahead_alpha})")
-    p.add_argument("--clip-grad", type=float, default=d.clip_grad, help=f"max gradient norm (default: {d.clip_grad})")
-    p.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warmup iterations (default: {d.warmup})")
-    p.add_argument("--iterations", type=int, default=d.iterations, help=f"(default: {d.iterations})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
-    # speed (none of these changes the maths beyond rounding)
-    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help=f"mixed precision where native (default: {d.amp})")
-    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW activations")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    # run
-    p.add_argument("--checkpoint-every", type=int, default=2000, help="checkpoint + evaluate (default: 2000)")
-    p.add_argument("--log-every", type=int, default=20, help="(default: 20)")
-    p.add_argument("--stop-after", type=int, help="stop after this iteration as if preempted; rerun to resume")
-    p.add_argument("--benchmark", nargs="?", const="step", choices=["step", "loader"],
-                   help="time the training step on a synthetic batch, or the data loader, and exit")
+    io = p.add_argument_group("input and output")
+    io.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/); default: the toy world")
+    io.add_argument("--voc", help="VOCdevkit/VOC2007 folder: probe every checkpoint, keep the best as best.pt")
+    io.add_argument("--vocab", help="SentencePiece model to use (default: build one from the train captions)")
+    io.add_argument("--out", default="runs/virtex", help="output folder (default: runs/virtex, runs/toy for the demo)")
+    io.add_argument("--toy-dir", default="data/toy", help="where the toy world is generated (default: data/toy)")
+    model = p.add_argument_group("model (the paper's best: R-50, L1 H2048)")
+    model.add_argument("--task", default=d.task, choices=virtex.TASKS, help=f"pretraining task (default: {d.task})")
+    model.add_argument("--backbone", default=d.backbone, help=f"torchvision ResNet (default: {d.backbone})")
+    model.add_argument("--layers", type=int, default=d.layers, help=f"decoder layers (default: {d.layers})")
+    model.add_argument("--hidden", type=int, default=d.hidden, help=f"decoder width H (default: {d.hidden})")
+    model.add_argument("--heads", type=int, help="attention heads (default: H/64)")
+    model.add_argument("--feedforward", type=int, help="feedforward width (default: 4H)")
+    model.add_argument("--norm-first", action="store_true", help="pre-norm decoder layers (default: post-norm)")
+    model.add_argument("--dropout", type=float, default=d.dropout, help=f"(default: {d.dropout})")
+    model.add_argument("--vocab-size", type=int, help=f"(default: {d.vocab_size}, or the size of --vocab)")
+    model.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per caption (default: {d.max_length})")
+    data = p.add_argument_group("images and batches")
+    data.add_argument("--image-size", type=int, default=d.image_size, help=f"(default: {d.image_size})")
+    data.add_argument("--crop-scale", type=float, default=d.crop_scale, help=f"smallest random crop area (default: {d.crop_scale})")
+    data.add_argument("--max-images", type=int, help="pretrain on N images only, the same N for every task (default: all)")
+    data.add_argument("--batch-size", type=int, default=d.batch_size, help=f"global batch (default: {d.batch_size})")
+    data.add_argument("--workers", type=int, default=d.workers, help=f"loader processes per GPU (default: {d.workers})")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"], help=f"inside LookAhead (default: {d.optimizer})")
+    opt.add_argument("--lr", type=float, default=d.lr, help=f"LR of the textual head (default: {d.lr})")
+    opt.add_argument("--cnn-lr", type=float, default=d.cnn_lr, help=f"LR of the CNN (default: {d.cnn_lr})")
+    opt.add_argument("--momentum", type=float, default=d.momentum, help=f"SGD momentum (default: {d.momentum})")
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default: {d.weight_decay})")
+    opt.add_argument("--lookahead-k", type=int, default=d.lookahead_k, help=f"(default: {d.lookahead_k})")
+    opt.add_argument("--lookahead-alpha", type=float, default=d.lookahead_alpha, help=f"(default: {d.lookahead_alpha})")
+    opt.add_argument("--clip-grad", type=float, default=d.clip_grad, help=f"max gradient norm (default: {d.clip_grad})")
+    opt.add_argument("--warmup", type=int, default=d.warmup, help=f"linear warmup iterations (default: {d.warmup})")
+    opt.add_argument("--iterations", type=int, default=d.iterations, help=f"(default: {d.iterations})")
+    opt.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    speed = p.add_argument_group("speed (none of these changes the maths beyond rounding)")
+    speed.add_argument("--amp", default=d.amp, choices=["bf16", "fp16", "off"], help=f"mixed precision where native (default: {d.amp})")
+    speed.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW activations")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model")
+    run = p.add_argument_group("run")
+    run.add_argument("--checkpoint-every", type=positive, default=2000, help="checkpoint + evaluate (default: 2000)")
+    run.add_argument("--log-every", type=positive, default=20, help="(default: 20)")
+    run.add_argument("--stop-after", type=positive, help="stop after this iteration as if preempted; rerun to resume")
+    run.add_argument("--benchmark", nargs="?", const="step", choices=["step", "loader"],
+                     help="time the training step on a synthetic batch, or the data loader, and exit")
     return p
+
+
+def positive(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of iterations >= 1, not {text!r}")
+    return int(text)
 
 
 def parse_args(argv=None):
@@ -184,13 +192,19 @@ def main(args):
     start, best_map = 0, -1.0
     if (out / "last.pt").exists():
         checkpoint = virtex.load_checkpoint(out / "last.pt")
+        missing = [k for k in ("model", "optimizer", "iteration", "config", "vocab") if k not in checkpoint]
+        if missing:
+            raise SystemExit(f"error: {out}/last.pt is not a train.py checkpoint (no {', '.join(missing)}); use another --out")
         changed = [k for k, v in checkpoint["config"].items() if k not in RUNTIME and getattr(cfg, k, v) != v]
+        changed += ["vocabulary"] if checkpoint["vocab"] != tokenizer.model else []
         if changed:
             raise SystemExit(f"error: {out}/last.pt was trained with other settings ({', '.join(changed)}); use another --out")
         raw_model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint.get("scaler", {}))
-        start, best_map = checkpoint["iteration"], checkpoint.get("best_map", -1.0)
+        start = checkpoint["iteration"]
+        if (out / "best.pt").exists():
+            best_map = virtex.load_checkpoint(out / "best.pt")["voc_map"]
         print0(f"resuming {out}/last.pt at iteration {start}")
     stop = min(args.stop_after or cfg.iterations, cfg.iterations)
     if start >= stop:
@@ -216,7 +230,8 @@ def main(args):
             history.append(train_step(model, optimizer, scaler, images, tokens, lengths, iteration - 1, cfg))
             bar.update()
 
-            end = iteration == stop or any_rank(preempted, control)
+            signalled = any_rank(preempted, control)
+            end = iteration == stop or signalled
             checkpoint_now = end or iteration % args.checkpoint_every == 0
             if iteration % args.log_every == 0 or checkpoint_now:
                 steps = torch.stack(history).cpu()  # (steps, 1 + losses): one sync per log interval, not per step
@@ -227,8 +242,9 @@ def main(args):
                     raise SystemExit(f"error: non-finite loss at iteration {bad}; last good checkpoint: {out}/last.pt")
                 seconds = time.perf_counter() - tick
                 mean = steps.where(steps.isfinite(), torch.nan).nanmean(0).tolist()
+                factor = virtex.lr_multiplier(iteration - 1, cfg.warmup, cfg.iterations)
                 stats = {"iteration": iteration, **dict(zip(("grad_norm", *LOSSES), mean)),
-                         "lr": optimizer.param_groups[-1]["lr"], "cnn_lr": max(g["lr"] for g in optimizer.param_groups),
+                         "lr": cfg.lr * factor, "cnn_lr": cfg.cnn_lr * factor,
                          "ms_per_step": 1000 * seconds / len(steps), "img_per_s": cfg.batch_size * len(steps) / seconds,
                          "unreadable_images": len(skipped)}
                 for problem in sorted(set(skipped) - reported):
@@ -241,13 +257,13 @@ def main(args):
                 history, skipped, tick = [], [], time.perf_counter()
             if checkpoint_now:
                 evaluation = save_and_evaluate(raw_model, optimizer, scaler, cfg, tokenizer, iteration, best_map,
-                                               args, out, val_data, device, rank, world, log)
+                                               args, out, val_data, device, rank, world, log, evaluate=not signalled)
                 best_map = max(best_map, evaluation.get("voc_map", -1.0))
                 tick = time.perf_counter()
             if end:
                 break
     bar.close()
-    if preempted:
+    if signalled:
         print0(f"stopped by a signal after iteration {iteration}; rerun the same command to resume")
     elif iteration < cfg.iterations:
         print0(f"stopped after iteration {iteration} (--stop-after); rerun without it to continue")
@@ -263,10 +279,12 @@ def main(args):
 def vocabulary(args, out, rank):
     """--vocab, else OUT/vocab.model, built by rank 0 from the train captions on the first run."""
     path = Path(args.vocab) if args.vocab else out / "vocab.model"
+    if args.vocab and not path.is_file():
+        raise SystemExit(f"error: --vocab {path}: no such file")
     if rank == 0 and not path.exists():
         size = args.vocab_size or virtex.Config.vocab_size
         print0(f"building a {size}-token vocabulary from the {args.data} train captions")
-        items = virtex.read_captions(args.data, "train")[:args.max_images]
+        items = virtex.first_images(virtex.read_captions(args.data, "train"), args.max_images)
         virtex.Tokenizer.train((c for _, captions in items for c in captions), out / "vocab", size)
     barrier()
     tokenizer = virtex.Tokenizer(path)
@@ -342,24 +360,26 @@ def val_cider(model, data, tokenizer, cfg, device, images=500):
     return virtex.cider(candidates, references)[0]
 
 
-def save_and_evaluate(model, optimizer, scaler, cfg, tokenizer, iteration, best_map, args, out, val_data, device, rank, world, log):
-    """Evaluate, then write last.pt (full state), best.pt and, on schedule, a weights-only snapshot
-    (the snapshots are what probing and downstream use: a third of the size)."""
+def save_and_evaluate(model, optimizer, scaler, cfg, tokenizer, iteration, best_map, args, out, val_data, device, rank, world, log,
+                      evaluate=True):
+    """Write last.pt (full state) and, on schedule, a weights-only snapshot (what probing and downstream
+    use: a third of the size); then evaluate and keep the best as best.pt. Saving comes first, and a
+    preempted run skips evaluating: a scheduler's grace period is spent on the checkpoint."""
+    weights = {"model": model.state_dict(), "iteration": iteration, "config": dataclasses.asdict(cfg), "vocab": tokenizer.model}
+    if rank == 0:
+        virtex.save_checkpoint(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict()})
+        if iteration % args.checkpoint_every == 0:
+            virtex.save_checkpoint(out / f"checkpoint_{iteration}.pt", weights)
+    if not evaluate:
+        return {}
     record = {"iteration": iteration, "val_loss": validate(model, val_data, cfg, device, rank, world)}
     if rank == 0:
         if cfg.task in ("bicaptioning", "captioning"):
             record["val_cider"] = val_cider(model, val_data, tokenizer, cfg, device)
         if args.voc:
             record["voc_map"] = probe.voc07(model.visual, args.voc, cfg.image_size, device, progress=False).mean().item()
-        weights = {"model": model.state_dict(), "iteration": iteration, "config": dataclasses.asdict(cfg),
-                   "vocab": tokenizer.model, **record}
-        if record.get("voc_map", -1) > best_map:
-            virtex.save_checkpoint(out / "best.pt", weights)
-        best_map = max(best_map, record.get("voc_map", -1.0))
-        virtex.save_checkpoint(out / "last.pt", {**weights, "optimizer": optimizer.state_dict(),
-                                                 "scaler": scaler.state_dict(), "best_map": best_map})
-        if iteration % args.checkpoint_every == 0:
-            virtex.save_checkpoint(out / f"checkpoint_{iteration}.pt", weights)
+        if record.get("voc_map", -1.0) > best_map:
+            virtex.save_checkpoint(out / "best.pt", {**weights, **record})
         log.write(json.dumps(record) + "\n")
         log.flush()
         tqdm.write(" | ".join(f"{k} {v:.4g}" for k, v in record.items()))
@@ -418,32 +438,40 @@ def benchmark(args, device):
     print(f"{achieved / 1e12:.1f} TFLOP/s of a measured bf16 matmul peak of {peak / 1e12:.0f}: MFU {100 * achieved / peak:.1f}%")
 
 
-def benchmark_loader(args, cfg, images=512):
+def benchmark_loader(args, cfg):
     """Images per second out of the training DataLoader (decode, augment, tokenise, collate)."""
-    root = Path(args.data) if args.data else Path(tempfile.mkdtemp()) / "coco"
-    if not args.data:  # COCO-sized JPEGs: 640x480 toy scenes
-        (root / "annotations").mkdir(parents=True)
-        (root / "train2017").mkdir()
-        rng, entries = random.Random(0), []
-        for i in range(1, images + 1):
-            scene, objects = virtex.toy_scene(rng, 480)
-            scene.resize((640, 480)).save(root / "train2017" / f"{i:012d}.jpg", quality=90)
-            entries.append((i, virtex.toy_captions(rng, objects)))
-        (root / "annotations" / "captions_train2017.json").write_text(json.dumps({
-            "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i, _ in entries],
-            "annotations": [{"id": 5 * i + k, "image_id": i, "caption": c} for i, cs in entries for k, c in enumerate(cs)]}))
-    captions = (c for _, cs in virtex.read_captions(root, "train")[:5000] for c in cs)
-    tokenizer = virtex.Tokenizer(args.vocab) if args.vocab else virtex.Tokenizer.train(captions, vocab_size=128)
-    data = virtex.CocoCaptions(root, "train", tokenizer, cfg)
-    batches = max(2, images // cfg.batch_size)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=virtex.Stream(len(data), cfg.batch_size, 0, 0, batches + 1),
-                                         num_workers=cfg.workers, collate_fn=virtex.collate)
-    batches = iter(loader)
-    next(batches)  # workers started
-    start = time.perf_counter()
-    count = sum(len(b[0]) for b in batches)
-    seconds = time.perf_counter() - start
-    print(f"loader: {count / seconds:.0f} img/s ({cfg.workers} workers, {cfg.image_size} px crops of {root})")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.data) if args.data else coco_sized_jpegs(Path(tmp) / "coco")
+        captions = (c for _, cs in virtex.read_captions(root, "train")[:5000] for c in cs)
+        tokenizer = virtex.Tokenizer(args.vocab) if args.vocab else virtex.Tokenizer.train(captions, vocab_size=128)
+        data = virtex.CocoCaptions(root, "train", tokenizer, cfg)
+        warmup = 2 * max(1, cfg.workers)  # what the workers prefetch while starting: not steady state
+        loader = torch.utils.data.DataLoader(
+            data, batch_sampler=virtex.Stream(len(data), cfg.batch_size, 0, 0, warmup + cfg.iterations),
+            num_workers=cfg.workers, collate_fn=virtex.collate)
+        batches = iter(loader)
+        for _ in range(warmup):
+            next(batches)
+        start = time.perf_counter()
+        count = sum(len(b[0]) for b in batches)
+        seconds = time.perf_counter() - start
+    print(f"loader: {count / seconds:.0f} img/s over {cfg.iterations} batches of {cfg.batch_size} "
+          f"({cfg.workers} workers, {cfg.image_size} px crops of {args.data or '640x480 toy JPEGs'})")
+
+
+def coco_sized_jpegs(root, images=512):
+    """A COCO Captions folder of 640x480 toy scenes: JPEGs of COCO's size for timing the loader."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    rng, entries = random.Random(0), []
+    for i in range(1, images + 1):
+        scene, objects = virtex.toy_scene(rng, 480)
+        scene.resize((640, 480)).save(root / "train2017" / f"{i:012d}.jpg", quality=90)
+        entries.append((i, virtex.toy_captions(rng, objects)))
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i, _ in entries],
+        "annotations": [{"id": 5 * i + k, "image_id": i, "caption": c} for i, cs in entries for k, c in enumerate(cs)]}))
+    return root
 
 
 def cli(argv=None):

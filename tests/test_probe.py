@@ -139,6 +139,9 @@ def test_an_incomplete_voc_folder_names_the_missing_file(toy, tmp_path):
         probe.read_voc(voc, "trainval")
     with pytest.raises(FileNotFoundError, match="ImageSets"):
         probe.read_voc(tmp_path, "trainval")
+    (voc / "ImageSets" / "Main" / "red_star_test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="red_star_test.txt: missing"):
+        probe.read_voc(voc, "test")
 
 
 def test_random_and_torchvision_inits(tmp_path):

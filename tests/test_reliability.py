@@ -71,10 +71,16 @@ def test_empty_captions_are_dropped_and_captionless_images_skipped(coco, capsys)
     (["--data", "{coco}", "--image-size", "16"], "image size 16 is too small"),
     (["--data", "{coco}", "--backbone", "vgg16"], "must be a torchvision ResNet"),
     (["--data", "{coco}", "--vocab", "{tmp}/v.model", "--vocab-size", "100"], "has 64 tokens, not --vocab-size 100"),
+    (["--data", "{coco}", "--vocab", "{tmp}/typo.model"], "--vocab {tmp}/typo.model: no such file"),
+    (["--data", "{coco}", "--vocab", "{tmp}/notes.txt"], "{tmp}/notes.txt: not a SentencePiece model"),
+    (["--data", "{tmp}/no_images"], "{tmp}/no_images/train2017: missing"),
 ])
 def test_wrong_invocations_end_with_one_clear_line(flags, message, coco, tmp_path, tokenizer):
+    import shutil
     (tmp_path / "empty").mkdir()
     (tmp_path / "v.model").write_bytes(tokenizer.model)
+    (tmp_path / "notes.txt").write_text("not a vocabulary")
+    shutil.copytree(coco / "annotations", tmp_path / "no_images" / "annotations")
     fill = lambda s: s.format(tmp=tmp_path, coco=coco)
     with pytest.raises(SystemExit, match=f"^error: .*{fill(message)}"):
         train.cli([*TINY, "--out", str(tmp_path / "out"), *map(fill, flags)])
@@ -95,6 +101,27 @@ def test_a_vocabulary_that_does_not_match_the_checkpoint_is_refused(tmp_path, mo
         virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), str(tmp_path / "x.jpg")])
     with pytest.raises(SystemExit, match="has 100 tokens but .* predicts 64"):
         virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--vocab", str(tmp_path / "other.model"), str(tmp_path / "x.jpg")])
+
+
+def test_a_foreign_or_other_vocabulary_last_pt_refuses_to_resume(coco, tmp_path, tokenizer):
+    run(coco, tmp_path / "a", "--iterations", "4", "--stop-after", "2")
+    virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other", vocab_size=64)
+    with pytest.raises(SystemExit, match="other settings \\(vocabulary\\)"):
+        run(coco, tmp_path / "a", "--iterations", "4", "--vocab", str(tmp_path / "other.model"))
+    (tmp_path / "b").mkdir()
+    virtex.save_checkpoint(tmp_path / "b" / "last.pt", {"model": virtex.load_checkpoint(tmp_path / "a" / "last.pt")["model"]})
+    with pytest.raises(SystemExit, match="b/last.pt is not a train.py checkpoint \\(no optimizer, iteration, config, vocab\\)"):
+        run(coco, tmp_path / "b", "--iterations", "4")
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("touch " + str(tmp_path / "ran"),)
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="evil.pt: not a PyTorch checkpoint that loads safely"):
+        virtex.load_checkpoint(tmp_path / "evil.pt")
+    assert not (tmp_path / "ran").exists()
 
 
 def test_an_interrupted_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -118,6 +145,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(coco, tmp_path
     monkeypatch.setattr(virtex, "set_lr", preempt_at_third_step)
     run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
     assert virtex.load_checkpoint(tmp_path / "preempted" / "last.pt")["iteration"] == 3
+    assert "val_loss" not in (tmp_path / "preempted" / "log.jsonl").read_text()  # saved, not evaluated
     monkeypatch.setattr(virtex, "set_lr", set_lr)
     run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
     a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("straight", "preempted"))
