@@ -250,7 +250,9 @@ def main(args):
                 for problem in sorted(set(skipped) - reported):
                     tqdm.write(f"warning: {problem} (replaced by another image)")
                 reported.update(skipped)
-                bar.set_postfix(loss=f"{mean[1]:.3f}", lr=f"{stats['lr']:.2e}", img_s=f"{stats['img_per_s']:.0f}")
+                shown = {"loss": "loss", "loss_forward": "fwd", "loss_backward": "bwd"}
+                bar.set_postfix({shown[k]: f"{stats[k]:.3f}" for k in LOSSES if k in stats} | {
+                    "lr": f"{stats['lr']:.1e}", "cnn_lr": f"{stats['cnn_lr']:.1e}", "img_s": f"{stats['img_per_s']:.0f}"})
                 if log:
                     log.write(json.dumps(stats) + "\n")
                     log.flush()
