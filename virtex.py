@@ -533,7 +533,8 @@ def reverse_captions(tokens, lengths):
 
 
 def lengths_of(tokens):
-    """Length = last non-padding position + 1 (an interior <unk> does not end a caption)."""
+    """Length = last non-padding position + 1 (an interior <unk> does not end a caption; one cut
+    at max_length right after an <unk> cannot be told from padding: train.py passes lengths)."""
     positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
     return ((tokens != PAD) * positions).amax(dim=1)
 
