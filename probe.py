@@ -9,6 +9,7 @@ VOC07: frozen backbone, global-average-pooled layer4 features, L2-normalised; pe
 linear SVM with its cost picked by 3-fold cross-validated AP on trainval; AP on test.
 """
 import argparse
+import functools
 import importlib.util
 import math
 import multiprocessing
@@ -32,9 +33,8 @@ def load_backbone(init, backbone="resnet50", seed=0):
     if init and init.startswith("torchvision:"):
         path = init.split(":", 1)[1]
         state = {k: v for k, v in virtex.load_checkpoint(path).items() if not k.startswith("fc.")}
-        state = {f"visual.cnn.{k}": v for k, v in state.items()}
-        visual = virtex.Visual(virtex.infer_backbone(state))
-        visual.load_state_dict({k[len("visual."):]: v for k, v in state.items()})
+        visual = virtex.Visual(virtex.infer_backbone({f"visual.cnn.{k}": v for k, v in state.items()}))
+        visual.cnn.load_state_dict(state)
         return visual, 224
     raise ValueError(f"--init must be 'random' or 'torchvision:PATH', not {init!r}")
 
@@ -274,7 +274,6 @@ def voc07(visual, root, image_size, device, cache=None, costs=(0.01, 0.1, 1.0, 1
     return evaluate_svms(x_train.to(device), y_train, x_test.to(device), y_test, costs, folds)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # ImageNet-style linear evaluation (paper appendix): a linear layer on frozen pooled features
 
@@ -287,8 +286,8 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
     normalize = T.Normalize(virtex.MEAN, virtex.STD)
     train = torchvision.datasets.ImageFolder(Path(root) / "train", T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), normalize]))
-    val = torchvision.datasets.ImageFolder(Path(root) / "val", T.Compose([
-        T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), normalize]))
+    val = torchvision.datasets.ImageFolder(Path(root) / "val", functools.partial(
+        virtex.eval_transform, resize=round(image_size * 256 / 224), size=image_size))
     loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, num_workers=workers, drop_last=len(train) > batch_size)
     features = lambda images: visual(images.to(device, memory_format=torch.channels_last)).float().mean((2, 3))
     training = visual.training
@@ -301,7 +300,7 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
     for _ in tqdm(range(epochs), desc="linear eval", dynamic_ncols=True):
         for images, labels in loader:
             for group in optimizer.param_groups:
-                group["lr"] = lr * math.cos(math.pi / 2 * step / total) ** 2
+                group["lr"] = lr * virtex.lr_multiplier(step, 0, total)  # cosine, no warmup
             with torch.no_grad(), virtex.autocast(device):
                 x = features(images)
             loss = F.cross_entropy(head(x), labels.to(device))

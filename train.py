@@ -103,11 +103,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def config_of(args, **override):
-    names = {f.name for f in dataclasses.fields(virtex.Config)}
-    return virtex.Config(**{**{k: v for k, v in vars(args).items() if k in names}, **override})
-
-
 def print0(*a, **k):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*a, **k, flush=True)
@@ -178,7 +173,7 @@ def main(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = vocabulary(args, out, rank)
-    cfg = config_of(args, vocab_size=len(tokenizer))
+    cfg = virtex.Config.from_dict({**vars(args), "vocab_size": len(tokenizer)})
     train_data = virtex.CocoCaptions(args.data, "train", tokenizer, cfg)
     val_data = virtex.CocoCaptions(args.data, "val", tokenizer, cfg, train=False)
     if cfg.task == "multilabel_classification":  # predicts COCO categories, not words
@@ -393,7 +388,7 @@ def save_and_evaluate(model, optimizer, scaler, cfg, tokenizer, iteration, best_
 # --benchmark: the training step on a synthetic batch, or the data loader alone
 
 def benchmark(args, device):
-    cfg = config_of(args, vocab_size=args.vocab_size or virtex.Config.vocab_size)
+    cfg = virtex.Config.from_dict({**vars(args), "vocab_size": args.vocab_size or virtex.Config.vocab_size})
     if args.benchmark == "loader":
         return benchmark_loader(args, cfg)
     torch.manual_seed(cfg.seed)

@@ -683,7 +683,6 @@ def nucleus_sampling(logprobs, batch, p=0.9, max_steps=30, generator=None):
     return [strip(row[1:].tolist()) for row in tokens]
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Caption evaluation: CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation computes it
 
@@ -1071,7 +1070,6 @@ def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
                 image, _ = toy_scene(rng, size, kinds=[tuple(name.split("_"))])
                 image.save(root / "imagenet" / split / name / f"{i:04d}.jpg", quality=90)
     (root / "complete").write_text("written by virtex.make_toy_world\n")
-
 
 
 # ----------------------------------------------------------------------------------------------
