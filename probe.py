@@ -33,7 +33,8 @@ def load_backbone(init, backbone="resnet50", seed=0):
     if init and init.startswith("torchvision:"):
         path = init.split(":", 1)[1]
         state = {k: v for k, v in virtex.load_checkpoint(path).items() if not k.startswith("fc.")}
-        visual = virtex.Visual(virtex.infer_backbone({f"visual.cnn.{k}": v for k, v in state.items()}))
+        name = virtex.infer_backbone({f"visual.cnn.{k}": v for k, v in state.items()})
+        visual = virtex.Visual(name)
         visual.cnn.load_state_dict(state)
         return visual, 224
     raise ValueError(f"--init must be 'random' or 'torchvision:PATH', not {init!r}")
@@ -43,6 +44,8 @@ def load_backbone(init, backbone="resnet50", seed=0):
 # Features: short side 256/224 of the image size, centre crop, GAP of layer4, L2-normalised
 
 class Images(torch.utils.data.Dataset):
+    """Evaluation views (uint8): short side 256/224 of the image size, centre crop."""
+
     def __init__(self, paths, image_size):
         self.paths, self.size = paths, image_size
         self.resize = round(image_size * 256 / 224)
@@ -51,31 +54,42 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return virtex.eval_transform(virtex.load_image(self.paths[i], self.resize), self.resize, self.size)
+        image = virtex.load_image(self.paths[i], self.resize)
+        return virtex.eval_image(image, self.resize, self.size)
+
+
+def features(visual, images, device):
+    """(B, C) pooled layer4 features of uint8 images, through the training step's bf16 and
+    channels_last paths."""
+    images = virtex.to_input(images, device).contiguous(memory_format=torch.channels_last)
+    with virtex.autocast(device):
+        return virtex.pooled(visual(images))
 
 
 @torch.no_grad()
-def extract(visual, paths, image_size, device, batch_size=64, workers=2, progress=True, desc="features"):
+def extract(visual, paths, image_size, device, workers=2, progress=True, desc="features"):
     """(N, C) L2-normalised, globally pooled layer4 features, the backbone in eval mode."""
     training = visual.training
     visual.eval()
-    loader = torch.utils.data.DataLoader(Images(paths, image_size), batch_size=batch_size, num_workers=workers)
-    features = []
+    data = Images(paths, image_size)
+    loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=workers)
+    out = []
     for images in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
-        with virtex.autocast(device):  # the training step's bf16 and channels_last paths
-            grid = visual(images.to(device, memory_format=torch.channels_last))  # (B, C, h, w)
-        features.append(F.normalize(grid.float().mean((2, 3)), dim=1).cpu())
+        out.append(F.normalize(features(visual, images, device), dim=1).cpu())
     visual.train(training)
-    return torch.cat(features)
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
 # The SVMs: scikit-learn's LinearSVC (liblinear) protocol, every problem solved at once in torch
 
+COSTS = (0.01, 0.1, 1.0, 10.0)  # the official sweep of the SVM cost C
+
 def average_precision(scores, targets):
     """Non-interpolated AP, sum_n (R_n - R_n-1) P_n over the distinct score thresholds (tied
     scores enter together): scikit-learn's average_precision_score. 0 without positives."""
-    scores, hits = torch.as_tensor(scores, dtype=torch.float64), torch.as_tensor(targets).bool().double()
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    hits = torch.as_tensor(targets).bool().double()
     order = scores.argsort(descending=True)
     scores, true_positives = scores[order], hits[order].cumsum(0)
     if len(hits) == 0 or true_positives[-1] == 0:
@@ -92,12 +106,13 @@ def stratified_folds(y, folds=3):
     sorted by class (classes by first appearance) are dealt round-robin, which fixes how many of
     each class a fold gets; each class then fills the folds in data order."""
     _, label = torch.unique(torch.as_tensor(y), return_inverse=True)
-    first = torch.full((int(label.max()) + 1,), len(label)).scatter_reduce(0, label, torch.arange(len(label)), "amin")
+    index = torch.arange(len(label))
+    first = torch.full((int(label.max()) + 1,), len(label)).scatter_reduce(0, label, index, "amin")
     fold, ids, start = torch.empty_like(label), torch.arange(folds), 0
     for k in first.argsort().tolist():
         members = (label == k).nonzero().squeeze(1)
         end = start + len(members)
-        per_fold = (end + folds - 1 - ids) // folds - (start + folds - 1 - ids) // folds  # dealt to each fold
+        per_fold = (end + folds - 1 - ids) // folds - (start + folds - 1 - ids) // folds  # dealt
         fold[members] = torch.repeat_interleave(ids, per_fold)
         start = end
     return fold
@@ -114,7 +129,8 @@ def solve_svms(z, y, cost, tol=1e-4, max_newton=50, max_cg=250):
     positives, total = (used & (y > 0)).sum(0), used.sum(0).clamp(min=1)
     rel_tol = tol * torch.minimum(positives, total - positives).clamp(min=1) / total
     w = z.new_zeros(y.shape[1], z.shape[1])
-    live, w_live, out = torch.arange(y.shape[1], device=z.device), w, z.new_zeros(y.shape)  # out = z @ w_live.T
+    live, w_live = torch.arange(y.shape[1], device=z.device), w
+    out = z.new_zeros(y.shape)  # z @ w_live.T
     stop = None
     for _ in range(max_newton):
         hinge = (1 - y * out).clamp(min=0)
@@ -131,7 +147,7 @@ def solve_svms(z, y, cost, tol=1e-4, max_newton=50, max_cg=250):
         active = cost * (hinge > 0)
         step = conjugate_gradients(z, active, -grad, 1 + 2 * active.T @ (z * z), max_cg)
         step_out = z @ step.T
-        t = line_search(w_live, grad, step, out, step_out, y, cost)
+        t = line_search(w_live, grad, step, y * out, y * step_out, cost)
         w_live, out = w_live + t[:, None] * step, out + t * step_out
     w[live] = w_live
     return w
@@ -148,7 +164,8 @@ def conjugate_gradients(z, active, b, diagonal, max_iter, rtol=0.1):
         done = r.norm(dim=1) <= target
         x[live[done]] = x_live[done]
         keep = (~done).nonzero().squeeze(1)
-        live, x_live, r, d, rs, target, diagonal = (t[keep] for t in (live, x_live, r, d, rs, target, diagonal))
+        live, x_live, r, d = live[keep], x_live[keep], r[keep], d[keep]
+        rs, target, diagonal = rs[keep], target[keep], diagonal[keep]
         active = active[:, keep]
         if len(live) == 0:
             return x
@@ -162,11 +179,11 @@ def conjugate_gradients(z, active, b, diagonal, max_iter, rtol=0.1):
     return x
 
 
-def line_search(w, grad, step, out, step_out, y, cost, rtol=1e-2, max_iter=20):
-    """t minimising the objective along w + t * step: its slope in t is increasing and piecewise
-    linear, so Newton steps (bisecting when one leaves the bracket) land on its root."""
+def line_search(w, grad, step, y_out, y_step, cost, rtol=1e-2, max_iter=20):
+    """t minimising the objective along w + t * step (y_out, y_step: the margins y * z.w and
+    y * z.step): its slope in t is increasing and piecewise linear, so Newton steps (bisecting
+    when one leaves the bracket) land on its root."""
     ws, ss, target = (w * step).sum(1), (step * step).sum(1), rtol * (grad * step).sum(1).abs()
-    y_out, y_step = y * out, y * step_out
     t, lo, hi = torch.ones_like(ws), torch.zeros_like(ws), torch.full_like(ws, math.inf)
     for _ in range(max_iter):
         hinge = (1 - y_out - t * y_step).clamp(min=0)
@@ -176,13 +193,14 @@ def line_search(w, grad, step, out, step_out, y, cost, rtol=1e-2, max_iter=20):
         curvature = ss + 2 * (cost * y_step * y_step * (hinge > 0)).sum(0)
         lo, hi = torch.where(slope < 0, t, lo), torch.where(slope > 0, t, hi)
         newton = t - slope / curvature
-        newton = torch.where((newton <= lo) | (newton >= hi), torch.where(hi.isinf(), 2 * t, (lo + hi) / 2), newton)
+        bisect = torch.where(hi.isinf(), 2 * t, (lo + hi) / 2)
+        newton = torch.where((newton <= lo) | (newton >= hi), bisect, newton)
         t = torch.where(slope.abs() <= target, t, newton)
     return t
 
 
 @torch.no_grad()
-def evaluate_svms(x_train, y_train, x_test, y_test, costs=(0.01, 0.1, 1.0, 10.0), folds=3):
+def evaluate_svms(x_train, y_train, x_test, y_test, costs=COSTS, folds=3):
     """Per-class test AP (percent) of the paper's protocol: for each class LinearSVC(C, squared
     hinge, L2, class_weight {1: 2, -1: 1}) with C picked by `folds`-fold cross-validated AP on the
     training set, refit on all of it. Labels: 1 present, 0 absent, -1 difficult (a negative in
@@ -198,21 +216,26 @@ def evaluate_svms(x_train, y_train, x_test, y_test, costs=(0.01, 0.1, 1.0, 10.0)
     z = x @ rotation
     targets = torch.where(y_train == 1, 1.0, -1.0)
     weight = torch.where(targets > 0, 2.0, 1.0)
-    fold = torch.stack([stratified_folds(targets[:, c].cpu(), folds) for c in range(classes)], 1).to(device)
+    fold = torch.stack([stratified_folds(targets[:, c].cpu(), folds) for c in range(classes)], 1)
+    costs = torch.tensor(costs, device=device)
 
     # Cross-validation: one problem per (class, cost, held-out fold), all at once.
-    c, k, f = torch.cartesian_prod(torch.arange(classes), torch.arange(len(costs)), torch.arange(folds)).to(device).unbind(1)
-    train = fold[:, c] != f
-    scores = z @ solve_svms(z, targets[:, c], torch.tensor(costs, device=device)[k] * weight[:, c] * train).T
-    cv = torch.tensor([average_precision(scores[~train[:, p], p].cpu(), targets[~train[:, p], c[p]].cpu() > 0)
+    problems = torch.cartesian_prod(*map(torch.arange, (classes, len(costs), folds)))
+    c, k, f = problems.to(device).unbind(1)
+    train = fold.to(device)[:, c] != f
+    scores = (z @ solve_svms(z, targets[:, c], costs[k] * weight[:, c] * train).T).cpu()
+    held_out, positive = ~train.cpu(), targets.cpu() > 0
+    cv = torch.tensor([average_precision(scores[held_out[:, p], p], positive[held_out[:, p], c[p]])
                        for p in range(len(c))]).view(classes, len(costs), folds).mean(2)
-    best = torch.tensor(costs, device=device)[cv.argmax(1).to(device)]  # first maximum: ties keep the smaller C
+    best = costs[cv.argmax(1).to(device)]  # the first maximum: ties keep the smaller C
 
     w = solve_svms(z, targets, best * weight) @ rotation.T  # (classes, D + 1)
     test_scores = (x_test.to(device).float() @ w[:, :-1].T + w[:, -1]).cpu()
     y_test = y_test.cpu()
-    return torch.tensor([100 * average_precision(test_scores[y_test[:, c] != -1, c], y_test[y_test[:, c] != -1, c] == 1)
-                         for c in range(classes)])
+    kept = y_test != -1  # difficult test images are left out
+    aps = [average_precision(test_scores[kept[:, c], c], y_test[kept[:, c], c] == 1)
+           for c in range(classes)]
+    return 100 * torch.tensor(aps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,7 +248,8 @@ def read_voc(root, split):
     if not main.is_dir():
         raise FileNotFoundError(f"{main}: missing (is {root} a VOCdevkit/VOC2007 folder?)")
     # The classes of both splits, so that trainval and test cannot disagree on them.
-    classes = sorted({p.name[:-len(f"_{s}.txt")] for s in ("trainval", "test") for p in main.glob(f"*_{s}.txt")})
+    classes = sorted({p.name[:-len(f"_{s}.txt")] for s in ("trainval", "test")
+                      for p in main.glob(f"*_{s}.txt")})
     if not classes:
         raise FileNotFoundError(f"{main}/<class>_{split}.txt: missing")
     columns, ids = [], None
@@ -250,24 +274,27 @@ def read_voc(root, split):
 def voc_features(visual, root, image_size, device, cache=None, workers=2, progress=True):
     """{"trainval": (x, y), "test": (x, y)} extracted once; `cache` is a file to reuse across runs
     (it remembers which weights, VOC folder and image size it holds, and refuses others)."""
-    weights = sum(p.double().sum().item() for p in visual.state_dict().values() if p.is_floating_point())
+    tensors = visual.state_dict().values()
+    weights = sum(p.double().sum().item() for p in tensors if p.is_floating_point())
     key = {"voc": str(Path(root).resolve()), "image_size": image_size, "weights": round(weights, 6)}
     if cache and Path(cache).exists():
         saved = torch.load(cache, weights_only=True)
         if saved["key"] != key:
-            raise ValueError(f"{cache}: features of {saved['key']}, not {key}; delete it or pick another --features file")
+            raise ValueError(f"{cache}: features of {saved['key']}, not {key}; delete it or pick "
+                             "another --features file")
         return saved["splits"]
     splits = {}
     for split in ("trainval", "test"):
         paths, labels, _ = read_voc(root, split)
-        features = extract(visual, paths, image_size, device, workers=workers, progress=progress, desc=f"VOC07 {split}")
-        splits[split] = (features, labels)
+        x = extract(visual, paths, image_size, device, workers, progress, f"VOC07 {split}")
+        splits[split] = (x, labels)
     if cache:
         torch.save({"key": key, "splits": splits}, cache)
     return splits
 
 
-def voc07(visual, root, image_size, device, cache=None, costs=(0.01, 0.1, 1.0, 10.0), folds=3, workers=2, progress=True):
+def voc07(visual, root, image_size, device, cache=None, costs=COSTS, folds=3, workers=2,
+          progress=True):
     """Per-class test AP (percent) of the VOC07 linear-SVM protocol."""
     splits = voc_features(visual, root, image_size, device, cache, workers, progress)
     (x_train, y_train), (x_test, y_test) = splits["trainval"], splits["test"]
@@ -283,13 +310,13 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
     cosine decay from `lr`, random resized crops of scale 0.08-1 and flips."""
     import torchvision
     from torchvision import transforms as T
-    normalize = T.Normalize(virtex.MEAN, virtex.STD)
-    train = torchvision.datasets.ImageFolder(Path(root) / "train", T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0)), T.RandomHorizontalFlip(), T.ToTensor(), normalize]))
-    val = torchvision.datasets.ImageFolder(Path(root) / "val", functools.partial(
-        virtex.eval_transform, resize=round(image_size * 256 / 224), size=image_size))
-    loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, num_workers=workers, drop_last=len(train) > batch_size)
-    features = lambda images: visual(images.to(device, memory_format=torch.channels_last)).float().mean((2, 3))
+    augment = T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+                         T.RandomHorizontalFlip(), T.PILToTensor()])
+    view = functools.partial(virtex.eval_image, resize=round(image_size * 256 / 224), size=image_size)
+    train = torchvision.datasets.ImageFolder(Path(root) / "train", augment)
+    val = torchvision.datasets.ImageFolder(Path(root) / "val", view)
+    loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=len(train) > batch_size)
     training = visual.training
     visual.eval()  # frozen, BatchNorm statistics included
     head = torch.nn.Linear(visual.channels, len(train.classes)).to(device)
@@ -301,17 +328,17 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
         for images, labels in loader:
             for group in optimizer.param_groups:
                 group["lr"] = lr * virtex.lr_multiplier(step, 0, total)  # cosine, no warmup
-            with torch.no_grad(), virtex.autocast(device):
-                x = features(images)
+            with torch.no_grad():
+                x = features(visual, images, device)
             loss = F.cross_entropy(head(x), labels.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             step += 1
     correct = 0
-    with torch.no_grad(), virtex.autocast(device):
+    with torch.no_grad():
         for images, labels in torch.utils.data.DataLoader(val, batch_size, num_workers=workers):
-            correct += (head(features(images)).argmax(1).cpu() == labels).sum().item()
+            correct += (head(features(visual, images, device)).argmax(1).cpu() == labels).sum().item()
     visual.train(training)
     return 100 * correct / len(val)
 
@@ -319,9 +346,9 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
 # ----------------------------------------------------------------------------------------------
 # Benchmark: our SVMs against the scikit-learn protocol on VOC07-sized features
 
-def synthetic_voc(n_train=5011, n_test=4952, dim=2048, classes=20, seed=0):
-    """Stand-in pooled CNN features: non-negative, a shared mean direction, 1-3 classes per image,
-    weak instances marked difficult, L2-normalised."""
+def synthetic_features(n_train=5011, n_test=4952, dim=2048, classes=20, seed=0):
+    """Stand-in VOC07 features: non-negative, a shared mean direction, 1-3 classes per image,
+    weak instances marked difficult, L2-normalised. (x_train, y_train, x_test, y_test)."""
     g = torch.Generator().manual_seed(seed)
     n = n_train + n_test
     prototypes = (torch.randn(classes, dim, generator=g) - 0.5).relu()
@@ -329,22 +356,32 @@ def synthetic_voc(n_train=5011, n_test=4952, dim=2048, classes=20, seed=0):
     for i, k in enumerate(torch.randint(1, 4, (n,), generator=g).tolist()):
         present[i, torch.randperm(classes, generator=g)[:k]] = 1
     strength = present * torch.rand(n, classes, generator=g)
-    x = F.normalize((0.5 * strength @ prototypes + torch.rand(dim, generator=g) + torch.randn(n, dim, generator=g)).relu(), dim=1)
+    noise = torch.rand(dim, generator=g) + torch.randn(n, dim, generator=g)
+    x = F.normalize((0.5 * strength @ prototypes + noise).relu(), dim=1)
     y = torch.where(strength > 0.1, 1, torch.where(present > 0, -1, 0))
     return x[:n_train], y[:n_train], x[n_train:], y[n_train:]
 
 
-def sklearn_class(c):
-    """The official script's steps for one class (forked worker; features in DATA)."""
+def sklearn_voc07(x_train, y_train, x_test, y_test, processes=2):
+    """Per-class test AP of the official script's scikit-learn calls, a class per process."""
+    data = tuple(t.numpy() for t in (x_train, y_train, x_test, y_test))
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        aps = pool.map(functools.partial(sklearn_class, data), range(y_train.shape[1]))
+    return torch.tensor(aps)
+
+
+def sklearn_class(data, c):
+    """The official script's steps for class c: LinearSVC per cost, 3-fold CV AP, refit, test AP."""
     import numpy as np
     from sklearn.metrics import average_precision_score
     from sklearn.model_selection import cross_val_score
     from sklearn.svm import LinearSVC
-    x_train, y_train, x_test, y_test = DATA
+    x_train, y_train, x_test, y_test = data
     y = np.where(y_train[:, c] == 1, 1, -1)
     best_ap, best = 0.0, None
     for cost in (0.01, 0.1, 1.0, 10.0):
-        svm = LinearSVC(C=cost, penalty="l2", loss="squared_hinge", class_weight={1: 2, -1: 1}, max_iter=2000)
+        svm = LinearSVC(C=cost, penalty="l2", loss="squared_hinge", class_weight={1: 2, -1: 1},
+                        max_iter=2000)
         ap = cross_val_score(svm, x_train, y, cv=3, scoring="average_precision").mean()
         svm.fit(x_train, y)
         best_ap, best = (ap, svm) if ap > best_ap else (best_ap, best)
@@ -353,20 +390,18 @@ def sklearn_class(c):
 
 
 def benchmark(quick=False):
-    global DATA
     sizes = dict(n_train=1000, n_test=1000, dim=256) if quick else {}
-    x_train, y_train, x_test, y_test = synthetic_voc(**sizes)
-    print(f"features: trainval {tuple(x_train.shape)}, test {tuple(x_test.shape)}, {torch.get_num_threads()} threads")
+    x_train, y_train, x_test, y_test = synthetic_features(**sizes)
+    print(f"features: trainval {tuple(x_train.shape)}, test {tuple(x_test.shape)}, "
+          f"{torch.get_num_threads()} threads")
     start = time.perf_counter()
     ours = evaluate_svms(x_train, y_train, x_test, y_test).mean().item()
     seconds = time.perf_counter() - start
     print(f"torch (all problems batched): {seconds:7.2f} s  mAP {ours:.3f}")
     if importlib.util.find_spec("sklearn") is None:
         return print("scikit-learn not installed: skipping the reference protocol")
-    DATA = tuple(t.numpy() for t in (x_train, y_train, x_test, y_test))
     start = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(2) as pool:
-        reference = sum(pool.map(sklearn_class, range(y_train.shape[1]))) / y_train.shape[1]
+    reference = sklearn_voc07(x_train, y_train, x_test, y_test).mean().item()
     sk_seconds = time.perf_counter() - start
     print(f"scikit-learn (Pool(2), a class per process): {sk_seconds:7.2f} s  mAP {reference:.3f}")
     print(f"difference {ours - reference:+.3f} mAP, speed-up {sk_seconds / seconds:.1f}x")
@@ -374,29 +409,33 @@ def benchmark(quick=False):
 
 # ----------------------------------------------------------------------------------------------
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and states every default."""
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    # backbones
-    p.add_argument("--ckpt", nargs="+", default=[], help="checkpoints: ours or the official code's (several: a comparison table)")
-    p.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet state dict)")
-    p.add_argument("--backbone", default="resnet50", help="ResNet for --init random (default: resnet50)")
-    p.add_argument("--image-size", type=int, help="(default: the checkpoint's, else 224)")
-    # VOC07 SVMs
-    p.add_argument("--voc", help="VOCdevkit/VOC2007 folder (default: the toy world's, generated if needed)")
-    p.add_argument("--toy-dir", default="data/toy", help="where the toy world lives (default: data/toy)")
-    p.add_argument("--features", help="cache file: extract once, rerun the SVMs in seconds")
-    p.add_argument("--costs", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0], help="SVM costs (default: 0.01 0.1 1 10)")
-    p.add_argument("--folds", type=int, default=3, help="cross-validation folds (default: 3)")
-    p.add_argument("--plot", help="PNG of mAP against pretraining images, a line per task (several --ckpt)")
-    # linear evaluation
-    p.add_argument("--imagenet", help="ImageFolder root (train/, val/): linear evaluation instead of VOC07")
-    p.add_argument("--epochs", type=int, default=100, help="linear evaluation epochs (default: 100)")
-    p.add_argument("--batch-size", type=int, default=256, help="linear evaluation batch (default: 256)")
-    p.add_argument("--lr", type=float, default=0.3, help="linear evaluation LR (default: 0.3)")
-    # run
-    p.add_argument("--workers", type=int, default=2, help="loader processes (default: 2)")
-    p.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn on VOC07-sized features")
-    p.add_argument("--quick", action="store_true", help="with --benchmark: a small problem")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    g = p.add_argument_group("backbones")
+    g.add_argument("--ckpt", nargs="+", default=[], help="ours or official (several: a table)")
+    g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet)")
+    g.add_argument("--backbone", default="resnet50", help="the ResNet of --init random")
+    g.add_argument("--image-size", type=int, help="(none: the checkpoint's, else 224)")
+    g = p.add_argument_group("VOC07 SVMs")
+    g.add_argument("--voc", help="VOCdevkit/VOC2007 folder (none: the toy world's)")
+    g.add_argument("--toy-dir", default="data/toy", help="where the toy world is written")
+    g.add_argument("--features", help="cache file: extract once, rerun the SVMs in seconds")
+    g.add_argument("--costs", type=float, nargs="+", default=list(COSTS), help="SVM costs C")
+    g.add_argument("--folds", type=int, default=3, help="cross-validation folds")
+    g.add_argument("--plot", help="PNG of mAP against pretraining images (several --ckpt)")
+    g = p.add_argument_group("linear evaluation")
+    g.add_argument("--imagenet", help="ImageFolder root (train/, val/): top-1 instead of VOC07")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch")
+    g.add_argument("--lr", type=float, default=0.3, help="peak LR (cosine decay)")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=2, help="loader processes")
+    g.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn")
+    g.add_argument("--quick", action="store_true", help="with --benchmark: a small problem")
     return p
 
 
@@ -421,7 +460,9 @@ def main(args):
     found = backbones(args)
     if args.imagenet:
         for name, visual, size, _ in found:
-            print(f"{name}: top-1 {linear_eval(visual.to(device), args.imagenet, size, device, args.epochs, args.batch_size, args.lr, args.workers):.2f}")
+            top1 = linear_eval(visual.to(device), args.imagenet, size, device, args.epochs,
+                               args.batch_size, args.lr, args.workers)
+            print(f"{name}: top-1 {top1:.2f}")
         return
     if args.voc is None:
         virtex.make_toy_world(args.toy_dir)
@@ -432,17 +473,19 @@ def main(args):
     results = []
     for name, visual, size, cfg in found:
         start = time.perf_counter()
-        aps = voc07(visual.to(device), args.voc, size, device, args.features, tuple(args.costs), args.folds, args.workers)
+        aps = voc07(visual.to(device), args.voc, size, device, args.features, tuple(args.costs),
+                    args.folds, args.workers)
         results.append((name, cfg, aps))
         print(f"{name}: VOC07 mAP {aps.mean():.2f} ({time.perf_counter() - start:.0f} s)")
-    print("\n| class | " + " | ".join(Path(name).parent.name or name for name, *_ in results) + " |")
-    print("|---|" + "---|" * len(results))
+    names = [Path(name).parent.name or name for name, *_ in results]
+    print(f"\n| class | {' | '.join(names)} |\n|---|" + "---|" * len(results))
     for c, name in enumerate(classes):
         print(f"| {name} | " + " | ".join(f"{aps[c]:.1f}" for *_, aps in results) + " |")
     if args.plot:
         plot(results, args.plot)
-    print(f"mAP: {results[-1][2].mean():.2f}" if len(results) == 1 else
-          "mAP: " + " | ".join(f"{name} {aps.mean():.2f}" for name, _, aps in results))
+    if len(results) == 1:
+        return print(f"mAP: {results[0][2].mean():.2f}")
+    print("mAP: " + " | ".join(f"{name} {aps.mean():.2f}" for name, _, aps in results))
 
 
 def plot(results, path, width=640, height=420):
@@ -458,7 +501,8 @@ def plot(results, path, width=640, height=420):
         raise ValueError("--plot needs checkpoints trained with --max-images")
     lo, hi = math.log(min(xs)), math.log(max(xs)) + 1e-9
     y0, y1 = min(ys) - 2, max(ys) + 2
-    at = lambda x, y: (60 + (math.log(x) - lo) / (hi - lo) * (width - 180), height - 40 - (y - y0) / (y1 - y0) * (height - 70))
+    at = lambda x, y: (60 + (math.log(x) - lo) / (hi - lo) * (width - 180),
+                       height - 40 - (y - y0) / (y1 - y0) * (height - 70))
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.line([(60, 30), (60, height - 40), (width - 100, height - 40)], fill="black")
@@ -468,7 +512,8 @@ def plot(results, path, width=640, height=420):
         draw.text((at(x, y0)[0], height - 35), f"{x}", fill="black", anchor="mt")
     draw.text((width // 2 - 40, height - 18), "pretraining images", fill="black", anchor="mt")
     draw.text((10, 12), "toy VOC07 mAP", fill="black")
-    for (task, line), color in zip(sorted(points.items()), ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]):
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for (task, line), color in zip(sorted(points.items()), colors):
         line = [at(x, y) for x, y in sorted(line)]
         draw.line(line, fill=color, width=3)
         for x, y in line:

@@ -8,10 +8,9 @@ Transformer decoder reads the caption left to right and a backward one right to 
 attending to the grid; the loss is the sum of their next-token cross-entropies. After
 pretraining the heads are thrown away and the ResNet is the product (probe.py judges it).
 
-Reading order = data flow: Config -> tokenizer -> COCO captions + transforms -> visual backbone
--> textual head -> VirTex model (losses of every pretraining task, decoding) -> CIDEr ->
-LookAhead, parameter groups, LR schedule, mixed precision -> checkpoints (ours and official,
-backbone export) -> the built-in toy world -> command line (`caption`, `export`).
+Reading order = data flow: Config -> tokenizer -> COCO captions -> backbone -> textual heads ->
+VirTex (losses of every pretraining task, decoding) -> LookAhead and LR schedule -> checkpoints.
+A banner then marks what is not the method (CIDEr, official checkpoints, the toy world, ...).
 
 Deliberate differences from the official code (the README says why):
 - the flip augmentation swaps the *words* "left"/"right", not every substring ("bright" stays);
@@ -24,20 +23,25 @@ Deliberate differences from the official code (the README says why):
 """
 import argparse
 import collections
+import contextlib
 import copy
+import hashlib
 import io
 import json
 import math
 import os
 import random
 import re
+import signal
 import sys
 import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import sentencepiece as spm
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.functional as TF
@@ -47,8 +51,7 @@ from torch import nn
 PAD = UNK = 0  # the official vocabulary pads with <unk>: an unknown word is ignored like padding
 SOS, EOS, MASK = 1, 2, 3
 TASKS = ("bicaptioning", "captioning", "masked_lm", "token_classification", "multilabel_classification")
-RESNETS = [name for name in torchvision.models.resnet.__all__ if name[0].islower()]  # resnet50, wide_resnet50_2, ...
-
+RESNETS = [name for name in torchvision.models.resnet.__all__ if name[0].islower()]  # resnet50, ...
 
 @dataclass
 class Config:
@@ -83,7 +86,7 @@ class Config:
     iterations: int = 500_000
     seed: int = 0
     # speed: how the maths is run, not what it is (a run may resume with other values)
-    amp: str = "bf16"  # autocast where native (see `autocast`): "bf16", "fp16" (GPU, + GradScaler, the official), "off"
+    amp: str = "bf16"  # autocast where native: "bf16", "fp16" (GPU + GradScaler, the official), "off"
     channels_last: bool = True  # NHWC activations: the faster convolution kernels on GPU and CPU
     compile: bool = False  # torch.compile the model (checkpoints keep the plain module's weights)
 
@@ -95,39 +98,46 @@ class Config:
         if self.hidden % self.heads:
             raise ValueError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
         if self.image_size < 32:
-            raise ValueError(f"image size {self.image_size} is too small: a ResNet needs at least 32 px")
+            raise ValueError(f"image size {self.image_size} is too small: a ResNet needs 32 px")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
         if self.amp not in ("bf16", "fp16", "off"):
             raise ValueError(f"amp must be bf16, fp16 or off, not {self.amp!r}")
+
+    @property
+    def captioning(self):  # a forward captioning head: the model writes captions
+        return self.task in ("bicaptioning", "captioning")
+
+    @property
+    def classification(self):  # labels predicted from the pooled grid: no decoder
+        return self.task.endswith("classification")
 
     @classmethod
     def from_dict(cls, d):
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-
 # ----------------------------------------------------------------------------------------------
 # Tokenizer: SentencePiece BPE, trained on normalised COCO captions (spec section 3)
+
+SPECIAL_PIECES = {"<unk>": UNK, "[SOS]": SOS, "[EOS]": EOS, "[MASK]": MASK}
 
 def normalize(text):
     """Lowercase and strip accents: what the official code does to every caption it reads."""
     text = unicodedata.normalize("NFKD", text.lower())
     return "".join(c for c in text if not unicodedata.combining(c))
 
-
 class Tokenizer:
-    """BPE vocabulary with the official ids: <unk> (= padding) 0, [SOS] 1, [EOS] 2, [MASK] 3.
-
-    Holds the SentencePiece model as bytes, so it pickles into DataLoader workers and travels
-    inside every checkpoint."""
+    """BPE vocabulary with the official ids: <unk> (= padding) 0, [SOS] 1, [EOS] 2, [MASK] 3. Holds
+    the model as bytes, so it pickles into DataLoader workers and travels inside checkpoints."""
 
     def __init__(self, model):
+        name = "vocabulary" if isinstance(model, bytes) else model
         self.model = model if isinstance(model, bytes) else Path(model).read_bytes()
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=self.model)
         except RuntimeError:
-            raise ValueError(f"{'vocabulary' if isinstance(model, bytes) else model}: not a SentencePiece model") from None
+            raise ValueError(f"{name}: not a SentencePiece model") from None
 
     @classmethod
     def train(cls, captions, prefix=None, vocab_size=10_000):
@@ -136,9 +146,9 @@ class Tokenizer:
         try:
             spm.SentencePieceTrainer.train(
                 sentence_iterator=(normalize(c) for c in captions), model_writer=buffer,
-                model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
-                bos_id=-1, eos_id=-1, control_symbols=["[SOS]", "[EOS]", "[MASK]"], minloglevel=2)
-        except RuntimeError as e:  # e.g. "Vocabulary size too high (10000). Please set it to a value <= 242."
+                model_type="bpe", vocab_size=vocab_size, character_coverage=1.0, bos_id=-1,
+                eos_id=-1, control_symbols=["[SOS]", "[EOS]", "[MASK]"], minloglevel=2)
+        except RuntimeError as e:  # e.g. "Vocabulary size too high (10000). Please set it to..."
             raise ValueError(f"cannot build a {vocab_size}-token vocabulary from these captions: {e}") from None
         if prefix is not None:
             Path(f"{prefix}.model").write_bytes(buffer.getvalue())
@@ -159,81 +169,89 @@ class Tokenizer:
     def __setstate__(self, state):
         self.__init__(state["model"])
 
-
 # ----------------------------------------------------------------------------------------------
 # COCO Captions: ROOT/annotations/captions_{split}2017.json + ROOT/{split}2017/*.jpg
+# Samples leave the loader as uint8 images; `to_input` normalises them on the device.
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 
+def mix_seed(*parts):
+    """One seed from integers (run seed, epoch, position, rank, ...). Every random draw of a run
+    is seeded by where it happens, never by process history: a resumed run repeats it exactly."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 def swap_left_right(caption):
-    """The flip augmentation's caption edit (paper section 3.2): whole words only, any case
-    (captions are lowercased when encoded)."""
+    """The flip augmentation's caption edit (paper section 3.2): whole words only, any case."""
     return re.sub(r"\b(left|right)\b", lambda m: "right" if m[0].lower() == "left" else "left", caption, flags=re.I)
 
+class Augmentation(NamedTuple):
+    """One sample's draw of the paper's augmentation (section 3.2), in the image's pixels."""
+    box: tuple  # (top, left, height, width) of the random resized crop
+    flip: bool  # mirror the image (and swap "left" and "right" in its caption)
+    jitter: tuple  # (brightness, contrast, saturation, hue) factors, () for no colour jitter
+    order: tuple  # the order the four colour adjustments are applied in
 
-def random_resized_crop(image, size, scale, generator, ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop, drawing from an explicit generator."""
-    width, height = image.size
-    area = width * height
+def draw_augmentation(width, height, crop_scale, generator, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop(scale=(crop_scale, 1)), a flip with p 0.5 and, with p 0.8,
+    ColorJitter(0.4, 0.4, 0.4, 0.1), drawn from `generator` as torchvision draws them."""
+    area, log_ratio = width * height, (math.log(ratio[0]), math.log(ratio[1]))
+    side = min(width, height)  # fallback: the central square
+    box = ((height - side) // 2, (width - side) // 2, side, side)
     for _ in range(10):
         u = torch.rand(2, generator=generator).tolist()
-        target = area * (scale[0] + u[0] * (scale[1] - scale[0]))
-        aspect = math.exp(math.log(ratio[0]) + u[1] * (math.log(ratio[1]) - math.log(ratio[0])))
+        target = area * (crop_scale + u[0] * (1 - crop_scale))
+        aspect = math.exp(log_ratio[0] + u[1] * (log_ratio[1] - log_ratio[0]))
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
             left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return TF.resized_crop(image, top, left, h, w, [size, size], antialias=True)
-    return TF.center_crop(TF.resize(image, size, antialias=True), size)
-
-
-def color_jitter(image, generator, strength=(0.4, 0.4, 0.4, 0.1)):
-    """ColorJitter(0.4, 0.4, 0.4, 0.1): the four adjustments in random order."""
-    b, c, s, h = strength
-    u = torch.rand(4, generator=generator).tolist()
-    adjust = [lambda im: TF.adjust_brightness(im, 1 - b + 2 * b * u[0]),
-              lambda im: TF.adjust_contrast(im, 1 - c + 2 * c * u[1]),
-              lambda im: TF.adjust_saturation(im, 1 - s + 2 * s * u[2]),
-              lambda im: TF.adjust_hue(im, -h + 2 * h * u[3])]
-    for i in torch.randperm(4, generator=generator).tolist():
-        image = adjust[i](image)
-    return image
-
-
-def to_tensor(image):
-    return TF.normalize(TF.to_tensor(image), MEAN, STD)
-
-
-def train_transform(image, size, crop_scale, generator):
-    """Paper section 3.2: random resized crop, flip, colour jitter. Returns (image, flipped):
-    a flipped image's caption must swap "left" and "right"."""
-    image = random_resized_crop(image, size, (crop_scale, 1.0), generator)
-    flipped = bool(torch.rand(1, generator=generator) < 0.5)
-    if flipped:
-        image = TF.hflip(image)
+            box = (top, left, h, w)
+            break
+    flip = bool(torch.rand(1, generator=generator) < 0.5)
+    jitter, order = (), (0, 1, 2, 3)
     if torch.rand(1, generator=generator) < 0.8:
-        image = color_jitter(image, generator)
-    return to_tensor(image), flipped
+        u = torch.rand(4, generator=generator).tolist()
+        jitter = (0.6 + 0.8 * u[0], 0.6 + 0.8 * u[1], 0.6 + 0.8 * u[2], -0.1 + 0.2 * u[3])
+        order = tuple(torch.randperm(4, generator=generator).tolist())
+    return Augmentation(box, flip, jitter, order)
 
+COLOR_ADJUSTMENTS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
-def eval_transform(image, resize, size):
-    """Short side to `resize`, centre crop `size`: 224/224 for pretraining val, 256/224 downstream."""
-    return to_tensor(TF.center_crop(TF.resize(image, resize, antialias=True), size))
+def augment(image, augmentation, size):
+    """Apply a drawn augmentation to a PIL image: a (3, size, size) uint8 tensor."""
+    image = TF.resized_crop(image, *augmentation.box, [size, size], antialias=True)
+    if augmentation.flip:
+        image = TF.hflip(image)
+    for i in augmentation.order if augmentation.jitter else ():
+        image = COLOR_ADJUSTMENTS[i](image, augmentation.jitter[i])
+    return TF.pil_to_tensor(image)
 
+def eval_image(image, resize, size):
+    """Short side to `resize`, centre crop `size` (224/224 pretraining val, 256/224 downstream)."""
+    return TF.pil_to_tensor(TF.center_crop(TF.resize(image, resize, antialias=True), size))
 
-def load_image(path, size=None):
-    """Any image PIL reads (greyscale, CMYK, palette, alpha, 16-bit) as 8-bit RGB. With `size`,
-    a JPEG decodes at the largest power-of-2 reduction that keeps both sides >= size (draft mode)."""
-    with Image.open(path) as image:
+def to_input(images, device, channels_last=True):
+    """uint8 images (B, 3, S, S) -> the network's float input on `device`, normalised there."""
+    images = images.to(device, non_blocking=True).float().div_(255)
+    mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
+    images = images.sub_(mean).div_(std)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+def load_image(source, size=None):
+    """Any image PIL reads (greyscale, CMYK, palette, alpha, 16-bit) as 8-bit RGB. With `size`, a
+    JPEG decodes at the largest power-of-2 reduction that keeps both sides >= size (draft mode)."""
+    with Image.open(source) as image:
         if size is not None:
             image.draft("RGB", (size, size))
         if image.mode.startswith("I"):  # 16/32-bit greyscale: keep the top 8 of 16 bits
             image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # transparent -> white
-            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:  # -> white
+            white = Image.new("RGBA", image.size, "white")
+            image = Image.alpha_composite(white, image.convert("RGBA"))
         return image.convert("RGB")
 
+UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 def read_json(path, what):
     path = Path(path)
@@ -244,10 +262,9 @@ def read_json(path, what):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
-
 def read_captions(root, split):
-    """[(image path, [captions])] in order of first appearance, as the official dataset groups them.
-    Empty captions are dropped, and images left without one are skipped (and reported)."""
+    """[(image path, [captions])] in order of first appearance, as the official dataset groups
+    them. Empty captions are dropped, and images left without one are skipped (and reported)."""
     root = Path(root)
     path = root / "annotations" / f"captions_{split}2017.json"
     data = read_json(path, f"COCO {split} captions")
@@ -255,8 +272,8 @@ def read_captions(root, split):
         files = {image["id"]: image["file_name"] for image in data["images"]}
         captions = {}
         for ann in data["annotations"]:
-            text = ann["caption"] if isinstance(ann["caption"], str) else ""
-            captions.setdefault(ann["image_id"], []).extend([text.strip()] if text.strip() else [])
+            text = ann["caption"].strip() if isinstance(ann["caption"], str) else ""
+            captions.setdefault(ann["image_id"], []).extend([text] if text else [])
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: not COCO Captions (no {e} field)") from None
     unknown = [i for i in captions if i not in files]
@@ -264,11 +281,11 @@ def read_captions(root, split):
         raise ValueError(f"{path}: captions of image id {unknown[0]}, which is not in its image list")
     items = [(root / f"{split}2017" / files[i], texts) for i, texts in captions.items() if texts]
     if len(items) < len(captions):
-        print(f"warning: {path}: {len(captions) - len(items)} images without a non-empty caption skipped", file=sys.stderr)
+        print(f"warning: {path}: {len(captions) - len(items)} images without a non-empty caption "
+              "skipped", file=sys.stderr)
     if not items:
         raise ValueError(f"{path}: no captions")
     return items
-
 
 def read_categories(root, split):
     """([(image path, [[category indices 1..K]])], K) from instances_{split}2017.json, categories
@@ -284,19 +301,16 @@ def read_categories(root, split):
             labels.setdefault(ann["image_id"], set()).add(index[ann["category_id"]])
     except KeyError as e:
         raise ValueError(f"{path}: not COCO instances (no {e} field or category)") from None
-    return [(root / f"{split}2017" / files[i], [sorted(labels[i])]) for i in files if i in labels], len(index)
-
+    items = [(root / f"{split}2017" / files[i], [sorted(labels[i])]) for i in files if i in labels]
+    return items, len(index)
 
 def first_images(items, n):
     """The pretraining subset of --max-images N: the same N images (smallest ids) for every task."""
     return sorted(items, key=lambda item: item[0].name)[:n] if n else items
 
-
 class CocoCaptions(torch.utils.data.Dataset):
-    """One image and one of its captions, as (image, [SOS] tokens [EOS]).
-
-    Indexed by (image index, seed): the seed alone decides the caption drawn and the augmentation,
-    so a sample is a pure function of its place in the run (see `Stream`)."""
+    """One image and one of its captions, as (uint8 image, [SOS] tokens [EOS]). Indexed by (image
+    index, seed): the seed alone decides the caption drawn and the augmentation."""
 
     def __init__(self, root, split, tokenizer, cfg, train=True):
         # Multi-label classification (an ablation) reads categories where the others read captions.
@@ -311,54 +325,50 @@ class CocoCaptions(torch.utils.data.Dataset):
             self.items = first_images(self.items, cfg.max_images)
         self.tokenizer, self.train = tokenizer, train
         self.size, self.crop_scale, self.max_length = cfg.image_size, cfg.crop_scale, cfg.max_length
-        # Decode only as many JPEG pixels as the smallest crop can use.
-        self.decode_size = math.ceil(self.size / math.sqrt(cfg.crop_scale)) if train else self.size
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, key):
-        """(image, tokens, [unreadable images met on the way, replaced by random others])."""
+        """(image, tokens, [unreadable images met on the way, each replaced by a random other])."""
         index, seed = key
         generator = torch.Generator().manual_seed(seed)
         skipped = []
         while True:
             path, captions = self.items[index]
-            try:
-                image = load_image(path, self.decode_size)
+            try:  # training crops at scale 0.2 need every pixel; evaluation decodes in draft mode
+                image = load_image(path, None if self.train else self.size)
                 break
-            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            except UNREADABLE as e:
                 skipped.append(f"{path}: {e}")
                 if len(skipped) == 100:
                     raise RuntimeError(f"100 unreadable images in a row, e.g. {skipped[0]}") from None
                 index = int(torch.randint(len(self.items), (1,), generator=generator))
         caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
-        flipped = False
-        if self.train:
-            image, flipped = train_transform(image, self.size, self.crop_scale, generator)
-        else:
-            image = eval_transform(image, self.size, self.size)
+        if not self.train:
+            return eval_image(image, self.size, self.size), self.tokens(caption), skipped
+        augmentation = draw_augmentation(*image.size, self.crop_scale, generator)
+        image = augment(image, augmentation, self.size)
+        return image, self.tokens(caption, augmentation.flip), skipped
+
+    def tokens(self, caption, flipped=False):
         if self.categories:
-            return image, torch.tensor(caption), skipped
+            return torch.tensor(caption)
         # Truncation keeps the first max_length ids: a cut caption has no [EOS], as in the official.
         text = swap_left_right(caption) if flipped else caption
-        tokens = [SOS, *self.tokenizer.encode(text), EOS][:self.max_length]
-        return image, torch.tensor(tokens), skipped
-
+        return torch.tensor([SOS, *self.tokenizer.encode(text), EOS][:self.max_length])
 
 def collate(batch):
     """Stack images; right-pad token sequences with 0 to the longest in the batch."""
     images, tokens, skipped = zip(*batch)
     lengths = torch.tensor([len(t) for t in tokens])
-    return torch.stack(images), nn.utils.rnn.pad_sequence(tokens, batch_first=True), lengths, sum(skipped, [])
+    padded = nn.utils.rnn.pad_sequence(tokens, batch_first=True)
+    return torch.stack(images), padded, lengths, sum(skipped, [])
 
-
-class Stream(torch.utils.data.Sampler):
-    """Endless shuffled passes over `n` images, cut into global batches of `batch_size`.
-
-    Batch i is a pure function of (seed, i): each of `world` processes takes its disjoint slice,
-    and each sample carries a seed of its own for the caption draw and the augmentation. A run
-    resumed at iteration i therefore sees exactly what the uninterrupted run saw."""
+class ResumableSampler(torch.utils.data.Sampler):
+    """Endless shuffled passes over `n` images, cut into global batches of `batch_size`. Batch i
+    is a pure function of (seed, i): each of `world` processes takes its disjoint slice, and each
+    sample a seed of its own, so a run resumed at iteration i sees what the uninterrupted run saw."""
 
     def __init__(self, n, batch_size, seed, start, stop, rank=0, world=1):
         self.n, self.batch_size, self.seed = n, batch_size, seed
@@ -367,7 +377,7 @@ class Stream(torch.utils.data.Sampler):
 
     def order(self, epoch):
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
             self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator).tolist()
         return self._order
 
@@ -378,8 +388,8 @@ class Stream(torch.utils.data.Sampler):
         per_rank = self.batch_size // self.world
         for i in range(self.start, self.stop):
             first = i * self.batch_size + self.rank * per_rank
-            yield [(self.order(p // self.n)[p % self.n], self.seed << 40 | p) for p in range(first, first + per_rank)]
-
+            positions = range(first, first + per_rank)  # in the endless sequence of samples
+            yield [(self.order(p // self.n)[p % self.n], mix_seed(self.seed, p)) for p in positions]
 
 # ----------------------------------------------------------------------------------------------
 # Visual backbone: a torchvision ResNet trained from scratch; its layer4 grid feeds the heads
@@ -399,6 +409,9 @@ class Visual(nn.Module):
         x = c.maxpool(c.relu(c.bn1(c.conv1(images))))
         return c.layer4(c.layer3(c.layer2(c.layer1(x))))
 
+def pooled(grid):
+    """(B, C, h, w) -> (B, C): the global average pool the classification tasks and probes read."""
+    return grid.float().mean((2, 3))
 
 # ----------------------------------------------------------------------------------------------
 # Textual head: projection of the grid, word + position embedding, Transformer decoder, output.
@@ -415,8 +428,7 @@ class Embedding(nn.Module):
     def forward(self, tokens):  # (B, T) -> (B, T, H)
         x = self.words(tokens) + self.positions.weight[:tokens.shape[1]]
         x = self.dropout(self.layer_norm(x))
-        return x * (tokens != PAD).unsqueeze(-1)  # padding (and <unk>) positions become zero vectors
-
+        return x * (tokens != PAD).unsqueeze(-1)  # padding (and <unk>) positions become zeros
 
 class Attention(nn.Module):
     """nn.MultiheadAttention's parameters (packed q/k/v), computed by scaled_dot_product_attention."""
@@ -429,30 +441,26 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(hidden, hidden)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, x, memory=None, causal=False, mask=None, weights=None):
-        """Self-attention on x (B, T, H), or cross-attention to memory (B, N, H) if given.
-
-        `mask` (B, 1, 1, T) marks the keys that may be seen; with `weights`, a list, the attention
-        probabilities (B, heads, T, N) are computed explicitly and appended to it."""
+    def project(self, x, memory=None):
+        """q from x (B, T, H), k and v from memory (B, N, H) or x: each (B, heads, T or N, H/heads)."""
         hidden = x.shape[-1]
         if memory is None:
             q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         else:
             q = F.linear(x, self.in_proj_weight[:hidden], self.in_proj_bias[:hidden])
-            k, v = F.linear(memory, self.in_proj_weight[hidden:], self.in_proj_bias[hidden:]).chunk(2, dim=-1)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, H/heads)
-        if weights is not None:
-            p = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)  # (B, heads, T, N)
-            weights.append(p)
-            out = p @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+            kv = F.linear(memory, self.in_proj_weight[hidden:], self.in_proj_bias[hidden:])
+            k, v = kv.chunk(2, dim=-1)
+        return [t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v)]
+
+    def forward(self, x, memory=None, causal=False, mask=None):
+        """Self-attention on x, or cross-attention to memory; `mask` (B, 1, 1, T): visible keys."""
+        q, k, v = self.project(x, memory)
+        dropout = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))  # (B, T, H)
 
-
 class DecoderLayer(nn.Module):
-    """nn.TransformerDecoderLayer (GELU): self-attention, cross-attention to the grid, feedforward."""
+    """nn.TransformerDecoderLayer (GELU): self-attention, cross-attention to the grid, MLP."""
 
     def __init__(self, hidden, heads, feedforward, dropout, norm_first):
         super().__init__()
@@ -460,7 +468,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(hidden, heads, dropout)
         self.multihead_attn = Attention(hidden, heads, dropout)
         self.linear1, self.linear2 = nn.Linear(hidden, feedforward), nn.Linear(feedforward, hidden)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(hidden), nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.norm1, self.norm2, self.norm3 = (nn.LayerNorm(hidden) for _ in range(3))
         self.dropout = nn.Dropout(dropout)
 
     def block(self, x, norm, f):
@@ -468,24 +476,23 @@ class DecoderLayer(nn.Module):
             return x + self.dropout(f(norm(x)))
         return norm(x + self.dropout(f(x)))
 
-    def forward(self, x, memory, causal, mask, weights=None):
+    def forward(self, x, memory, causal, mask):
         x = self.block(x, self.norm1, lambda y: self.self_attn(y, causal=causal, mask=mask))
-        x = self.block(x, self.norm2, lambda y: self.multihead_attn(y, memory, weights=weights))
+        x = self.block(x, self.norm2, lambda y: self.multihead_attn(y, memory))
         return self.block(x, self.norm3, lambda y: self.linear2(self.dropout(F.gelu(self.linear1(y)))))
-
 
 class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(cfg.hidden, cfg.heads, cfg.feedforward, cfg.dropout,
-                                                 cfg.norm_first) for _ in range(cfg.layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg.hidden, cfg.heads, cfg.feedforward, cfg.dropout, cfg.norm_first)
+            for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.hidden) if cfg.norm_first else None  # pre-norm ends with one
 
-    def forward(self, x, memory, causal, mask=None, weights=None):
+    def forward(self, x, memory, causal, mask=None):
         for layer in self.layers:
-            x = layer(x, memory, causal, mask, weights)
+            x = layer(x, memory, causal, mask)
         return x if self.norm is None else self.norm(x)
-
 
 def init_weights(module):
     """The official initialisation: N(0, 0.02) weights; biases keep PyTorch's defaults."""
@@ -496,7 +503,6 @@ def init_weights(module):
     if isinstance(module, nn.Embedding) and module.padding_idx is not None:
         nn.init.zeros_(module.weight[module.padding_idx])
 
-
 class TextualHead(nn.Module):
     def __init__(self, cfg, visual_channels):
         super().__init__()
@@ -505,23 +511,22 @@ class TextualHead(nn.Module):
         self.transformer = Decoder(cfg)
         with torch.no_grad():
             self.apply(init_weights)
-        # Created after the init, so its bias keeps the default uniform(+-1/sqrt(H)), as in the official.
+        # Created after the init, so its bias keeps the default uniform(+-1/sqrt(H)), as there.
         self.output = nn.Linear(cfg.hidden, cfg.vocab_size)
         self.output.weight = self.embedding.words.weight  # tied input and output word embeddings
 
     def project(self, grid):  # (B, C, h, w) -> (B, h*w, H): one visual token per cell, no position
         return self.visual_projection(grid.flatten(2).transpose(1, 2))
 
-    def forward(self, memory, tokens, causal=True, lengths=None, weights=None):
-        """Hidden states (B, T, H) for tokens (B, T) attending to the projected grid `memory`.
-
-        Causal attention needs no padding mask (captions are right-padded, so a real token only
-        sees real tokens); bidirectional attention (masked LM) masks keys at or beyond `lengths`."""
+    def forward(self, memory, tokens, causal=True, lengths=None):
+        """Hidden states (B, T, H) for tokens (B, T) attending to the projected grid `memory`. Causal
+        attention needs no padding mask (captions are right-padded, so a real token only sees real
+        tokens); bidirectional attention (masked LM) masks keys at or beyond `lengths`."""
         mask = None
         if not causal:
-            mask = (torch.arange(tokens.shape[1], device=tokens.device) < lengths[:, None])[:, None, None]
-        return self.transformer(self.embedding(tokens), memory, causal, mask, weights)
-
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            mask = (positions < lengths[:, None])[:, None, None]  # (B, 1, 1, T)
+        return self.transformer(self.embedding(tokens), memory, causal, mask)
 
 # ----------------------------------------------------------------------------------------------
 # VirTex: the backbone, the forward head and the backward head (paper section 3.1)
@@ -531,13 +536,11 @@ def reverse_captions(tokens, lengths):
     index = lengths[:, None] - 1 - torch.arange(tokens.shape[1], device=tokens.device)  # (B, T)
     return torch.where(index >= 0, tokens.gather(1, index.clamp(min=0)), PAD)
 
-
 def lengths_of(tokens):
     """Length = last non-padding position + 1 (an interior <unk> does not end a caption; one cut
     at max_length right after an <unk> cannot be told from padding: train.py passes lengths)."""
     positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
     return ((tokens != PAD) * positions).amax(dim=1)
-
 
 def mask_tokens(tokens, lengths, vocab_size, p=0.15, mask=0.85, replace=0.10):
     """The official masked-LM corruption: (input, labels). Per caption ceil(p * (T - 2)) positions
@@ -555,18 +558,6 @@ def mask_tokens(tokens, lengths, vocab_size, p=0.15, mask=0.85, replace=0.10):
     inputs = torch.where(masked, MASK, torch.where(replaced, torch.randint_like(tokens, vocab_size), tokens))
     return inputs, torch.where(masked, tokens, PAD)
 
-
-class ClassificationHead(nn.Module):
-    """token_classification / multilabel_classification: pooled grid -> one linear layer."""
-
-    def __init__(self, channels, classes):
-        super().__init__()
-        self.output = nn.Linear(channels, classes)
-
-    def forward(self, grid):  # (B, C, h, w) -> (B, classes)
-        return self.output(grid.mean((2, 3)))
-
-
 class VirTex(nn.Module):
     """A visual backbone and the textual head of `cfg.task`: the paper's bicaptioning, or one of
     the ablations of section 4.2 (captioning, masked LM, token or multi-label classification)."""
@@ -575,8 +566,8 @@ class VirTex(nn.Module):
         super().__init__()
         self.cfg = cfg = cfg or Config()
         self.visual = Visual(cfg.backbone)
-        if cfg.task.endswith("classification"):
-            self.textual = ClassificationHead(self.visual.channels, cfg.vocab_size)
+        if cfg.classification:  # one linear layer on the pooled grid, named as the official's
+            self.textual = nn.ModuleDict({"output": nn.Linear(self.visual.channels, cfg.vocab_size)})
             return
         self.textual = TextualHead(cfg, self.visual.channels)
         if cfg.task == "bicaptioning":
@@ -587,46 +578,48 @@ class VirTex(nn.Module):
                 setattr(self.backward_textual, name, getattr(self.textual, name))
 
     def forward(self, images, tokens, lengths=None):
-        """Training loss for images (B, 3, S, S) and captions (B, T) `[SOS] w.. [EOS] 0..` (or, for
-        multi-label classification, the category ids of each image, 0-padded)."""
+        """Training loss for images (B, 3, S, S) and captions (B, T) `[SOS] w.. [EOS] 0..` (or,
+        for multi-label classification, the category ids of each image, 0-padded)."""
         if lengths is None:
             lengths = lengths_of(tokens)
         grid = self.visual(images)
-        task = self.cfg.task
-        if task.endswith("classification"):
-            return {"loss": self.classification_loss(self.textual(grid), tokens, task)}
+        if self.cfg.classification:
+            logits = self.textual.output(pooled(grid))  # (B, classes)
+            return {"loss": self.classification_loss(logits, tokens, self.cfg.task)}
         memory = self.textual.project(grid)  # (B, h*w, H), shared by both heads
-        if task == "masked_lm":
+        if self.cfg.task == "masked_lm":
             inputs, labels = mask_tokens(tokens, lengths, self.cfg.vocab_size)
-            return {"loss": self.token_loss(self.textual, memory, inputs, labels, causal=False, lengths=lengths)}
+            return {"loss": self.token_loss(self.textual, memory, inputs, labels, False, lengths)}
         loss_forward = self.token_loss(self.textual, memory, tokens[:, :-1], tokens[:, 1:])
-        if task == "captioning":
+        if self.cfg.task == "captioning":
             return {"loss": loss_forward, "loss_forward": loss_forward}
         backward = reverse_captions(tokens, lengths)
         loss_backward = self.token_loss(self.backward_textual, memory, backward[:, :-1], backward[:, 1:])
-        return {"loss": loss_forward + loss_backward, "loss_forward": loss_forward, "loss_backward": loss_backward}
+        return {"loss": loss_forward + loss_backward, "loss_forward": loss_forward,
+                "loss_backward": loss_backward}
 
     @staticmethod
     def token_loss(head, memory, inputs, targets, causal=True, lengths=None):
-        """Mean cross-entropy over the non-padding targets of the batch. (For captioning the inputs
-        stop one short: with causal attention the last token predicts nothing.)"""
+        """Mean cross-entropy over the non-padding targets of the batch. (For captioning the
+        inputs stop one short: with causal attention the last token predicts nothing.)"""
         keep = targets != PAD
-        hidden = head(memory, inputs, causal, lengths)[keep]  # (K, H)
-        return F.cross_entropy(head.output(hidden).float(), targets[keep])  # logits only where a target exists
+        hidden = head(memory, inputs, causal, lengths)[keep]  # (K, H): logits only at targets
+        return F.cross_entropy(head.output(hidden).float(), targets[keep])
 
     @staticmethod
     def classification_loss(logits, tokens, task):
         """-mean log-probability of the image's set of targets (caption tokens but the special
         ones, or COCO categories); i.e. cross-entropy to a uniform distribution over the set."""
         targets = torch.zeros_like(logits).scatter_(1, tokens, 1.0)
-        targets[:, :4 if task == "token_classification" else 1] = 0  # [PAD]/<unk>, [SOS], [EOS], [MASK]
+        ignored = len(SPECIAL_PIECES) if task == "token_classification" else 1  # or only padding
+        targets[:, :ignored] = 0
         logp = logits.float().log_softmax(-1)
         return (-(logp * targets).sum(1) / targets.sum(1).clamp(min=1)).mean()
 
-    # -- decoding with the forward head (paper section 4.5) ------------------------------------
+    # -- decoding with the forward head (paper section 4.5) -------------------------------------
 
-    def next_token_logprobs(self, memory, tokens, weights=None):
-        hidden = self.textual(memory, tokens, weights=weights)[:, -1]  # (B, H)
+    def next_token_logprobs(self, memory, tokens):
+        hidden = self.textual(memory, tokens)[:, -1]  # (B, H)
         return self.textual.output(hidden).float().log_softmax(-1)  # (B, V)
 
     @torch.no_grad()
@@ -641,11 +634,9 @@ class VirTex(nn.Module):
             return nucleus_sampling(logprobs, len(images), nucleus, max_steps, generator)
         return beam_search(logprobs, len(images), beam, max_steps)
 
-
-def strip(sequence):
+def until_eos(sequence):
     """Generated ids up to (not including) the first [EOS]."""
     return sequence[:sequence.index(EOS)] if EOS in sequence else sequence
-
 
 def beam_search(logprobs, batch, beam=5, max_steps=30):
     """Highest total log-probability sequences; `logprobs` maps (batch*beam, t) tokens to (.., V)."""
@@ -663,8 +654,7 @@ def beam_search(logprobs, batch, beam=5, max_steps=30):
         tokens = torch.cat([tokens[rows], (best % step.shape[1]).view(-1, 1)], dim=1)
         if (tokens[:, -1] == EOS).all():
             break
-    return [strip(tokens[b * beam, 1:].tolist()) for b in range(batch)]
-
+    return [until_eos(tokens[b * beam, 1:].tolist()) for b in range(batch)]
 
 def nucleus_sampling(logprobs, batch, p=0.9, max_steps=30, generator=None):
     """Sample from the smallest set of tokens whose probability reaches p (Holtzman et al. 2020)."""
@@ -672,7 +662,7 @@ def nucleus_sampling(logprobs, batch, p=0.9, max_steps=30, generator=None):
     for _ in range(max_steps):
         probs = logprobs(tokens).exp()  # (batch, V)
         sorted_probs, order = probs.sort(dim=1, descending=True)
-        outside = sorted_probs.cumsum(1) - sorted_probs >= p  # tokens after the nucleus is complete
+        outside = sorted_probs.cumsum(1) - sorted_probs >= p  # after the nucleus is complete
         outside[:, 0] = False  # the most likely token is always in it
         sorted_probs[outside] = 0
         choice = order.gather(1, torch.multinomial(sorted_probs, 1, generator=generator))
@@ -680,59 +670,15 @@ def nucleus_sampling(logprobs, batch, p=0.9, max_steps=30, generator=None):
         tokens = torch.cat([tokens, choice], dim=1)
         if (choice == EOS).all():
             break
-    return [strip(row[1:].tolist()) for row in tokens]
-
-
-# ----------------------------------------------------------------------------------------------
-# Caption evaluation: CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation computes it
-
-def caption_words(text):
-    """Lowercase words without punctuation (a stand-in for the PTB tokeniser of the COCO code)."""
-    return " ".join(re.sub(r"[^\w\s]", " ", normalize(text)).split())
-
-
-def ngram_counts(caption, n=4):
-    words = caption.split()
-    return collections.Counter(tuple(words[i:i + k]) for k in range(1, n + 1) for i in range(len(words) - k + 1))
-
-
-def cider(candidates, references, n=4, sigma=6.0):
-    """CIDEr-D of {id: caption} against {id: [captions]} (tokenised, space-separated): the corpus
-    score and the per-id scores. tf-idf n-gram vectors (idf over the reference sets), candidate
-    weights clipped at the reference's, a Gaussian penalty on the length difference, x10."""
-    refs = {i: [ngram_counts(r, n) for r in references[i]] for i in candidates}
-    document_frequency = collections.Counter(g for counts in refs.values() for g in set().union(*counts))
-    log_images = math.log(len(candidates))
-
-    def vector(counts):
-        vec = [{} for _ in range(n)]
-        for g, tf in counts.items():
-            vec[len(g) - 1][g] = tf * (log_images - math.log(max(1.0, document_frequency[g])))
-        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
-        return vec, norms, sum(tf for g, tf in counts.items() if len(g) == 2)  # length counted in bigrams, as there
-
-    scores = {}
-    for i, caption in candidates.items():
-        vec, norms, length = vector(ngram_counts(caption, n))
-        total = 0.0
-        for ref_vec, ref_norms, ref_length in map(vector, refs[i]):
-            penalty = math.exp(-((length - ref_length) ** 2) / (2 * sigma ** 2))
-            for k in range(n):
-                overlap = sum(min(w, ref_vec[k].get(g, 0.0)) * ref_vec[k].get(g, 0.0) for g, w in vec[k].items())
-                total += overlap / (norms[k] * ref_norms[k] or 1.0) * penalty / n
-        scores[i] = 10.0 * total / len(refs[i])
-    return sum(scores.values()) / len(scores), scores
-
+    return [until_eos(row[1:].tolist()) for row in tokens]
 
 # ----------------------------------------------------------------------------------------------
 # Optimisation: SGD in LookAhead, two learning rates, no decay on the heads' norms and biases
 
 class LookAhead:
-    """Zhang et al. 2019: every k steps of the inner optimizer, the weights move back to
-    alpha * fast + (1 - alpha) * slow, and that point becomes the new slow weights.
-
-    Its state dict is the inner one plus the slow weights and the step counter, so a run resumed
-    in the middle of a k-cycle continues exactly (the official one restarts the cycle)."""
+    """Zhang et al. 2019: every k steps of the inner optimizer, the weights move back to alpha *
+    fast + (1 - alpha) * slow, and that point becomes the new slow weights. Its state dict holds the
+    slow weights and the step counter too, so a resume mid-cycle is exact (the official restarts)."""
 
     def __init__(self, optimizer, k=5, alpha=0.5):
         self.optimizer, self.k, self.alpha = optimizer, k, alpha
@@ -753,7 +699,7 @@ class LookAhead:
         self.counter += 1
         if self.counter == self.k:
             self.counter = 0
-            # The official arithmetic, p * alpha + slow * (1 - alpha), one fused op per tensor list.
+            # The official arithmetic, p * alpha + slow * (1 - alpha), one fused op per list.
             torch._foreach_mul_(self.params, self.alpha)
             torch._foreach_add_(self.params, self.slow, alpha=1 - self.alpha)
             torch._foreach_copy_(self.slow, self.params)
@@ -768,37 +714,24 @@ class LookAhead:
         self.optimizer.load_state_dict(state)
         torch._foreach_copy_(self.slow, slow)
 
-
-def amp_dtype(device, amp="bf16"):
-    """The autocast dtype, where the hardware runs it natively: bf16 (no loss scaling needed) on
-    GPUs and on CPUs with bf16 units (AVX512-BF16, AMX), fp16 on GPUs; None means fp32."""
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", bool)() or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
-    if amp == "fp16" and device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if amp == "bf16" and (device.type == "cuda" or native_bf16) else None
-
-
-def autocast(device, amp="bf16"):
-    dtype = amp_dtype(device, amp)
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
 def no_weight_decay(name):
     """The official set: LayerNorm weights and all biases of the textual embedding and decoders.
     (CNN BatchNorms, the visual projection bias and the output bias are decayed.)"""
     parts = name.split(".")
-    return "textual" in parts[0] and parts[1] in ("embedding", "transformer") and ("norm" in name or "bias" in name)
-
+    in_heads = "textual" in parts[0] and parts[1] in ("embedding", "transformer")
+    return in_heads and ("norm" in name or "bias" in name)
 
 def param_groups(model, cfg):
-    """The CNN at cnn_lr and the rest at lr (split on the substring "cnn", as in the official)."""
+    """The backbone (model.visual) at cnn_lr, the rest at lr; each split by weight decay."""
+    backbone = {id(p) for p in model.visual.parameters()}
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault(("cnn" in name, not no_weight_decay(name)), []).append(p)
-    return [{"params": params, "lr": cfg.cnn_lr if cnn else cfg.lr, "initial_lr": cfg.cnn_lr if cnn else cfg.lr,
-             "weight_decay": cfg.weight_decay if decay else 0.0} for (cnn, decay), params in groups.items()]
-
+            groups.setdefault((id(p) in backbone, not no_weight_decay(name)), []).append(p)
+    return [{"params": params, "lr": cfg.cnn_lr if cnn else cfg.lr,
+             "initial_lr": cfg.cnn_lr if cnn else cfg.lr,
+             "weight_decay": cfg.weight_decay if decay else 0.0}
+            for (cnn, decay), params in groups.items()]
 
 def build_optimizer(model, cfg, fused=None):
     groups = param_groups(model, cfg)
@@ -810,7 +743,6 @@ def build_optimizer(model, cfg, fused=None):
         raise ValueError(f"optimizer must be sgd or adamw, not {cfg.optimizer!r}")
     return LookAhead(inner, cfg.lookahead_k, cfg.lookahead_alpha)
 
-
 def lr_multiplier(step, warmup, total):
     """LR factor after `step` optimizer steps: linear warmup from 0, then cosine to 0 at `total`.
     The official scheduler steps after the optimizer, so iteration 1 runs at factor 0."""
@@ -819,15 +751,159 @@ def lr_multiplier(step, warmup, total):
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return math.cos(math.pi / 2 * progress) ** 2  # cos^2(x/2) = (1 + cos x) / 2
 
-
 def set_lr(optimizer, step, cfg):
     factor = lr_multiplier(step, cfg.warmup, cfg.iterations)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: {"model": official key layout, "config", "vocab"} (+ "optimizer", "iteration", ...)
+
+def state_dict_of(checkpoint, path="checkpoint"):
+    """The model's state dict inside a checkpoint (ours, the official one) or a bare state dict."""
+    state = checkpoint.get("model", checkpoint)
+    if not isinstance(state, dict) or not any(k.startswith("visual.cnn.") for k in state):
+        raise ValueError(f"{path}: not a VirTex checkpoint (no visual.cnn.* weights)")
+    return state
+
+def load_weights(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip()
+        raise ValueError(f"{path}: its weights do not fit the model it describes ({first})") from None
+    return model
+
+def load_model(path, heads=None, task=None):
+    """(model, tokenizer or None) from one of our checkpoints or an official one."""
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint:
+        return from_official(path, heads, task), None
+    model = VirTex(Config.from_dict(checkpoint["config"]))
+    load_weights(model, state_dict_of(checkpoint, path), path)
+    return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
+
+
+# ==============================================================================================
+# Not the method: caption metrics, official checkpoints and export, files, precision and
+# processes, the toy world, the command line. A reader of the method can stop here.
+# ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: {"model": official key layout, "optimizer", "iteration"} + config and vocabulary
+# Caption evaluation: CIDEr-D (Vedantam et al. 2015) as the COCO caption evaluation computes it
+
+def caption_words(text):
+    """Lowercase words without punctuation (a stand-in for the PTB tokeniser of the COCO code)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", normalize(text)).split())
+
+def ngram_counts(caption, n=4):
+    words = caption.split()
+    return collections.Counter(tuple(words[i:i + k]) for k in range(1, n + 1)
+                               for i in range(len(words) - k + 1))
+
+def cider(candidates, references, n=4, sigma=6.0):
+    """CIDEr-D of {id: caption} against {id: [captions]} (tokenised, space-separated): the corpus
+    score and the per-id scores. tf-idf n-gram vectors (idf over the reference sets), candidate
+    weights clipped at the reference's, a Gaussian penalty on the length difference, x10."""
+    refs = {i: [ngram_counts(r, n) for r in references[i]] for i in candidates}
+    document_frequency = collections.Counter(g for counts in refs.values()
+                                             for g in set().union(*counts))
+    log_images = math.log(len(candidates))
+
+    def vector(counts):
+        vec = [{} for _ in range(n)]
+        for g, tf in counts.items():
+            vec[len(g) - 1][g] = tf * (log_images - math.log(max(1.0, document_frequency[g])))
+        norms = [math.sqrt(sum(w * w for w in v.values())) for v in vec]
+        length = sum(tf for g, tf in counts.items() if len(g) == 2)  # in bigrams, as there
+        return vec, norms, length
+
+    scores = {}
+    for i, caption in candidates.items():
+        vec, norms, length = vector(ngram_counts(caption, n))
+        total = 0.0
+        for ref_vec, ref_norms, ref_length in map(vector, refs[i]):
+            penalty = math.exp(-((length - ref_length) ** 2) / (2 * sigma ** 2))
+            for k in range(n):
+                overlap = sum(min(w, ref_vec[k].get(g, 0.0)) * ref_vec[k].get(g, 0.0)
+                              for g, w in vec[k].items())
+                total += overlap / (norms[k] * ref_norms[k] or 1.0) * penalty / n
+        scores[i] = 10.0 * total / len(refs[i])
+    return sum(scores.values()) / len(scores), scores
+
+# ----------------------------------------------------------------------------------------------
+# Official checkpoints: read their configuration off the tensor shapes; export the backbone
+
+COCO_CATEGORIES = 80  # the multi-label ablation predicts these (+ 1 padding class)
+
+def infer_backbone(state):
+    """The torchvision ResNet whose weight shapes match visual.cnn.* exactly."""
+    prefix = "visual.cnn."
+    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
+    for name in RESNETS:
+        with torch.device("meta"):
+            cnn = getattr(torchvision.models, name)()
+        ours = {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.startswith("fc.")}
+        if ours == shapes:
+            return name
+    raise ValueError("visual.cnn.* matches no torchvision ResNet")
+
+def official_config(state, heads=None, task=None):
+    """A Config for an official state dict, read off its tensor shapes."""
+    cfg = dict(backbone=infer_backbone(state))
+    if "textual.embedding.words.weight" not in state:  # a classification ablation
+        vocab = state["textual.output.weight"].shape[0]
+        multilabel = vocab == COCO_CATEGORIES + 1
+        default = "multilabel_classification" if multilabel else "token_classification"
+        return Config(**cfg, vocab_size=vocab, task=task or default)
+    vocab, hidden = state["textual.embedding.words.weight"].shape
+    layers = {k.split(".")[3] for k in state if k.startswith("textual.transformer.layers.")}
+    bidirectional = any(k.startswith("backward_textual.") for k in state)
+    # masked LM and captioning have the same keys: captioning unless told otherwise
+    return Config(**cfg, vocab_size=vocab, hidden=hidden, layers=len(layers),
+                  heads=heads or hidden // 64,
+                  feedforward=state["textual.transformer.layers.0.linear1.weight"].shape[0],
+                  max_length=state["textual.embedding.positions.weight"].shape[0],
+                  norm_first="textual.transformer.norm.weight" in state,
+                  task=task or ("bicaptioning" if bidirectional else "captioning"))
+
+def fill_shared_keys(state):
+    """Add the keys of shared tensors that a de-duplicated state dict (one converted to
+    safetensors, say) lacks: the tied output weight and the backward head's shared modules."""
+    state = dict(state)
+    if "textual.embedding.words.weight" in state:
+        state.setdefault("textual.output.weight", state["textual.embedding.words.weight"])
+    if any(k.startswith("backward_textual.") for k in state):
+        shared = ("textual.visual_projection.", "textual.embedding.", "textual.output.")
+        for k in [k for k in state if k.startswith(shared)]:
+            state.setdefault(f"backward_{k}", state[k])
+    return state
+
+def from_official(path, heads=None, task=None):
+    """A VirTex loaded from a checkpoint saved by the official code ({"model": ...} or bare)."""
+    state = state_dict_of(load_checkpoint(path), path)
+    return load_weights(VirTex(official_config(state, heads, task)), fill_shared_keys(state), path)
+
+
+DETECTRON2_NAMES = [("layer1", "res2"), ("layer2", "res3"), ("layer3", "res4"), ("layer4", "res5"),
+                    ("bn1", "conv1.norm"), ("bn2", "conv2.norm"), ("bn3", "conv3.norm"),
+                    ("downsample.0", "shortcut"), ("downsample.1", "shortcut.norm")]
+
+def export_backbone(model, format="torchvision"):
+    """The trained ResNet alone: torchvision's key names (resnet50() loads it, fc aside), or
+    detectron2's, renamed the way the official export does."""
+    state = model.visual.cnn.state_dict()  # conv1.weight, layer1.0.bn1.bias, ... (no fc)
+    if format == "torchvision":
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for ours, theirs in DETECTRON2_NAMES:
+            key = key.replace(ours, theirs)
+        renamed[key if key.startswith("res") else f"stem.{key}"] = value
+    return {"model": renamed, "__author__": "virtex.py", "matching_heuristics": True}
+
+# ----------------------------------------------------------------------------------------------
+# Files, precision and processes: atomic checkpoints, autocast where native, torchrun, preemption
 
 def save_checkpoint(path, checkpoint):
     """Write atomically: a kill at any moment leaves either the old file or the new one."""
@@ -842,108 +918,76 @@ def save_checkpoint(path, checkpoint):
     finally:
         tmp.unlink(missing_ok=True)
 
-
 def load_checkpoint(path):
-    """Read a checkpoint without running code from it (weights_only: tensors and plain data only)."""
+    """Read a checkpoint without running code from it (weights_only: tensors and plain data)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a PyTorch checkpoint that loads safely ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not a PyTorch checkpoint that loads safely "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__}, not a dict)")
+        raise ValueError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__})")
     return checkpoint
 
+def amp_dtype(device, amp="bf16"):
+    """The autocast dtype, where the hardware runs it natively: bf16 (no loss scaling needed) on
+    GPUs and on CPUs with bf16 units (AVX512-BF16, AMX), fp16 on GPUs; None means fp32."""
+    native_bf16 = device.type == "cuda" or getattr(torch.cpu, "_is_avx512_bf16_supported", bool)() \
+        or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+    if amp == "fp16" and device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if amp == "bf16" and native_bf16 else None
 
-def model_state(checkpoint, path="checkpoint"):
-    """The state dict inside a checkpoint (ours, the official one) or a bare state dict."""
-    state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict) or not any(k.startswith("visual.cnn.") for k in state):
-        raise ValueError(f"{path}: not a VirTex checkpoint (no visual.cnn.* weights)")
-    return state
+def autocast(device, amp="bf16"):
+    dtype = amp_dtype(device, amp)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
+def init_processes():
+    """(rank, world, device, cpu_group): torchrun sets RANK and friends; plain python is rank 0
+    of 1. `cpu_group` (gloo) carries small control messages without a GPU sync."""
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return 0, 1, device, None
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
 
-def infer_backbone(state):
-    """The torchvision ResNet whose weight shapes match visual.cnn.* exactly."""
-    shapes = {k[len("visual.cnn."):]: tuple(v.shape) for k, v in state.items() if k.startswith("visual.cnn.")}
-    for name in RESNETS:
-        with torch.device("meta"):
-            cnn = getattr(torchvision.models, name)()
-        if {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.startswith("fc.")} == shapes:
-            return name
-    raise ValueError("visual.cnn.* matches no torchvision ResNet")
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
-def official_config(state, heads=None, task=None):
-    """A Config for an official state dict, read off its tensor shapes."""
-    cfg = dict(backbone=infer_backbone(state))
-    if "textual.embedding.words.weight" in state:
-        vocab, hidden = state["textual.embedding.words.weight"].shape
-        layers = {k.split(".")[3] for k in state if k.startswith("textual.transformer.layers.")}
-        cfg.update(vocab_size=vocab, hidden=hidden, layers=len(layers), heads=heads or hidden // 64,
-                   feedforward=state["textual.transformer.layers.0.linear1.weight"].shape[0],
-                   max_length=state["textual.embedding.positions.weight"].shape[0],
-                   norm_first="textual.transformer.norm.weight" in state,
-                   # masked LM and captioning have the same keys: captioning unless told otherwise
-                   task=task or ("bicaptioning" if any(k.startswith("backward_textual.") for k in state) else "captioning"))
-    else:
-        vocab = state["textual.output.weight"].shape[0]
-        cfg.update(vocab_size=vocab, task=task or ("multilabel_classification" if vocab == 81 else "token_classification"))
-    return Config(**cfg)
+def any_rank(flag, group):
+    """True on every process if it is true on any (ranks must agree to stop at the same step)."""
+    if group is None:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return value.item() > 0
 
-
-def with_aliases(state):
-    """Fill in the keys of shared tensors that a de-duplicated state dict (one converted to
-    safetensors, say) lacks: the tied output weight and the backward head's shared modules."""
-    state = dict(state)
-    if "textual.embedding.words.weight" in state:
-        state.setdefault("textual.output.weight", state["textual.embedding.words.weight"])
-    if any(k.startswith("backward_textual.") for k in state):
-        for k in [k for k in state if k.startswith(("textual.visual_projection.", "textual.embedding.", "textual.output."))]:
-            state.setdefault(f"backward_{k}", state[k])
-    return state
-
-
-def load_weights(model, state, path):
+@contextlib.contextmanager
+def preemption():
+    """SIGTERM (a scheduler's preemption) or Ctrl-C: the list it yields becomes non-empty; the
+    loop finishes its step, saves and exits 0."""
+    caught = []
+    previous = {s: signal.signal(s, lambda *_: caught.append(s)) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: its weights do not fit the model it describes ({str(e).splitlines()[1].strip()})") from None
-    return model
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
-
-def from_official(path, heads=None, task=None):
-    """A VirTex loaded from a checkpoint saved by the official code ({"model": ...} or bare)."""
-    state = model_state(load_checkpoint(path), path)
-    return load_weights(VirTex(official_config(state, heads, task)), with_aliases(state), path)
-
-
-def load_model(path, heads=None, task=None):
-    """(model, tokenizer or None) from one of our checkpoints or an official one."""
-    checkpoint = load_checkpoint(path)
-    if "config" not in checkpoint:
-        return from_official(path, heads, task), None
-    model = load_weights(VirTex(Config.from_dict(checkpoint["config"])), model_state(checkpoint, path), path)
-    return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
-
-
-def export_backbone(model, format="torchvision"):
-    """The trained ResNet alone: torchvision's key names (resnet50() loads it, fc aside), or
-    detectron2's, renamed the way the official export does."""
-    state = model.visual.cnn.state_dict()  # conv1.weight, layer1.0.bn1.bias, ... (no fc)
-    if format == "torchvision":
-        return state
-    renames = [("layer1", "res2"), ("layer2", "res3"), ("layer3", "res4"), ("layer4", "res5"), ("bn1", "conv1.norm"),
-               ("bn2", "conv2.norm"), ("bn3", "conv3.norm"), ("downsample.0", "shortcut"), ("downsample.1", "shortcut.norm")]
-    renamed = {}
-    for key, value in state.items():
-        for a, b in renames:
-            key = key.replace(a, b)
-        renamed[key if key.startswith("res") else f"stem.{key}"] = value
-    return {"model": renamed, "__author__": "virtex.py", "matching_heuristics": True}
-
+def ignore_interrupts(_):
+    """Loader workers leave Ctrl-C to the main process, which finishes its step and saves."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 # ----------------------------------------------------------------------------------------------
 # The toy world: COCO Captions and VOC07 in miniature, written in their real layouts.
@@ -953,8 +997,19 @@ def export_backbone(model, format="torchvision"):
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 COLORS = {"red": (215, 35, 35), "green": (35, 170, 50), "blue": (45, 75, 225), "yellow": (235, 215, 40)}
 TOY_CLASSES = [f"{color}_{shape}" for shape in SHAPES for color in COLORS]
-SCALES = {"large": 0.17, "small": 0.1, "tiny": 0.045}  # radius / image size; "tiny" makes VOC "difficult"
+SIZES = {"large": 0.17, "small": 0.1, "tiny": 0.045}  # radius / image size; "tiny": VOC difficult
 
+class ToyObject(NamedTuple):
+    color: str
+    shape: str
+    size: str  # a key of SIZES
+    x: float
+    y: float
+    radius: float
+
+    def overlaps(self, other):
+        gap = self.radius + other.radius + 1
+        return abs(self.x - other.x) <= gap and abs(self.y - other.y) <= gap
 
 def shape_outline(shape, x, y, r, angle):
     """Polygon corners of a shape of radius r centred at (x, y)."""
@@ -964,66 +1019,113 @@ def shape_outline(shape, x, y, r, angle):
     elif shape == "cross":
         arm = [(-1 / 3, -1), (1 / 3, -1), (1 / 3, -1 / 3), (1, -1 / 3), (1, 1 / 3), (1 / 3, 1 / 3)]
         corners = arm + [(-u, -v) for u, v in arm]
+    elif shape == "square":
+        corners = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
     else:
-        corners = {"square": [(-1, -1), (1, -1), (1, 1), (-1, 1)], "triangle": [(0, -1), (1, 0.85), (-1, 0.85)]}[shape]
+        corners = [(0, -1), (1, 0.85), (-1, 0.85)]  # triangle
     c, s = math.cos(angle), math.sin(angle)
     return [(x + r * (u * c - v * s), y + r * (u * s + v * c)) for u, v in corners]
 
-
-def toy_scene(rng, size, kinds=None):
-    """Shapes on a noisy background with scribbles: (image, [(color, shape, scale, x, y, r)])."""
+def toy_background(rng, size):
+    """Noise over a random colour, with 0-3 scribbles (in the objects' colours too)."""
     from PIL import ImageDraw
     noise = Image.frombytes("RGB", (size, size), rng.randbytes(size * size * 3))
-    image = Image.blend(Image.new("RGB", (size, size), tuple(rng.randrange(40, 200) for _ in range(3))),
-                        noise, rng.uniform(0.05, 0.35))
+    plain = Image.new("RGB", (size, size), tuple(rng.randrange(40, 200) for _ in range(3)))
+    image = Image.blend(plain, noise, rng.uniform(0.05, 0.35))
     draw = ImageDraw.Draw(image)
-    for _ in range(rng.randrange(4)):  # distractors, in the objects' colours too
+    for _ in range(rng.randrange(4)):
         color = rng.choice([*COLORS.values(), tuple(rng.randrange(256) for _ in range(3))])
-        draw.line([(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(3)], fill=color, width=rng.choice((1, 2)))
+        points = [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(3)]
+        draw.line(points, fill=color, width=rng.choice((1, 2)))
+    return image, draw
+
+def toy_scene(rng, size, kinds=None):
+    """Shapes on a noisy background: (image, [ToyObject]). `kinds`: [(color, shape)], else random."""
+    image, draw = toy_background(rng, size)
     if kinds is None:
         kinds = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))]
-        kinds = [kinds[i - 1] if i and rng.random() < 0.2 else k for i, k in enumerate(kinds)]  # repeats: counts
+        kinds = [kinds[i - 1] if i and rng.random() < 0.2 else k for i, k in enumerate(kinds)]  # counts
     objects = []
     for color, shape in kinds:
-        scale = "tiny" if rng.random() < 0.05 else rng.choice(("large", "small"))
-        r = size * SCALES[scale] * rng.uniform(0.9, 1.1)
+        label = "tiny" if rng.random() < 0.05 else rng.choice(("large", "small"))
+        radius = size * SIZES[label] * rng.uniform(0.9, 1.1)
         for _ in range(30):  # find a free place
-            x, y = rng.uniform(r + 2, size - r - 2), rng.uniform(r + 2, size - r - 2)
-            if all(abs(x - o[3]) > r + o[5] + 1 or abs(y - o[4]) > r + o[5] + 1 for o in objects):
-                objects.append((color, shape, scale, x, y, r))
+            x, y = (rng.uniform(radius + 2, size - radius - 2) for _ in range(2))
+            new = ToyObject(color, shape, label, x, y, radius)
+            if not any(new.overlaps(o) for o in objects):
+                objects.append(new)
                 fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[color])
                 if shape == "circle":
-                    draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+                    draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill)
                 else:
-                    draw.polygon(shape_outline(shape, x, y, r, rng.uniform(-0.3, 0.3)), fill=fill)
+                    draw.polygon(shape_outline(shape, x, y, radius, rng.uniform(-0.3, 0.3)), fill=fill)
                 break
     return image, objects
-
 
 def toy_captions(rng, objects, k=5):
     """k captions: the shapes with their counts, sizes and colours, and where they are."""
     groups = {}
-    for color, shape, scale, *_ in objects:
-        groups.setdefault((color, shape), []).append(scale)
+    for o in objects:
+        groups.setdefault((o.color, o.shape), []).append(o.size)
 
-    def group(color, shape, scales):
-        n = len(scales)
+    def group(color, shape, sizes):
+        n = len(sizes)
         noun = shape if n == 1 else shape + ("es" if shape == "cross" else "s")
-        size = [scales[0]] if len(set(scales)) == 1 else []
+        size = [sizes[0]] if len(set(sizes)) == 1 else []
         return " ".join([("a", "two", "three", "four")[n - 1], *size, color, noun])
 
     every = lambda: " and ".join(group(*key, s) for key, s in rng.sample(list(groups.items()), len(groups)))
-    one = lambda o: f"a {o[2]} {o[0]} {o[1]}"
+    one = lambda o: f"a {o.size} {o.color} {o.shape}"
     captions = [f"{every()}.", f"there {'is' if len(objects) == 1 else 'are'} {every()}.",
                 f"a picture of {every()} on a noisy background."]
     for a in objects:
         for b in objects:
-            if a[:2] != b[:2] and b[3] - a[3] > a[5] + b[5]:
+            different = (a.color, a.shape) != (b.color, b.shape)
+            if different and b.x - a.x > a.radius + b.radius:
                 captions += [f"{one(a)} left of {one(b)}.", f"{one(b)} to the right of {one(a)}."]
-            if a[:2] != b[:2] and b[4] - a[4] > a[5] + b[5]:
+            if different and b.y - a.y > a.radius + b.radius:
                 captions.append(f"{one(a)} above {one(b)}.")
-    return rng.sample(captions, k) if len(captions) >= k else captions + rng.choices(captions, k=k - len(captions))
+    if len(captions) >= k:
+        return rng.sample(captions, k)
+    return captions + rng.choices(captions, k=k - len(captions))
 
+def write_toy_coco(root, rng, size, splits):
+    """COCO Captions and instances (shape categories) for {split: images}."""
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
+    for split, n in splits.items():
+        (root / f"{split}2017").mkdir(exist_ok=True)
+        images, captions, instances = [], [], []
+        for i in range(1, n + 1):
+            image, objects = toy_scene(rng, size)
+            images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": size, "height": size})
+            image.save(root / f"{split}2017" / images[-1]["file_name"], quality=90)
+            captions += [{"id": len(captions) + 1, "image_id": i, "caption": c}
+                         for c in toy_captions(rng, objects)]
+            instances += [{"id": len(instances) + 1, "image_id": i, "category_id": SHAPES.index(o.shape) + 1,
+                           "bbox": [o.x - o.radius, o.y - o.radius, 2 * o.radius, 2 * o.radius],
+                           "area": 4 * o.radius ** 2, "iscrowd": 0, "segmentation": []} for o in objects]
+        annotations = root / "annotations"
+        (annotations / f"captions_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": captions}))
+        (annotations / f"instances_{split}2017.json").write_text(
+            json.dumps({"images": images, "annotations": instances, "categories": categories}))
+
+def write_toy_voc(root, rng, size, images):
+    """VOCdevkit/VOC2007 with `images` trainval and `images` test images of 20 colour+shape classes."""
+    for d in ("JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for split, first in (("trainval", 0), ("test", images)):
+        ids, labels = [f"{i:06d}" for i in range(first, first + images)], []
+        for i in ids:
+            image, objects = toy_scene(rng, size)
+            image.save(root / "JPEGImages" / f"{i}.jpg", quality=90)
+            sizes = [{o.size for o in objects if f"{o.color}_{o.shape}" == c} for c in TOY_CLASSES]
+            labels.append([-1 if not s else 0 if s == {"tiny"} else 1 for s in sizes])  # 0: difficult
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        for c, name in enumerate(TOY_CLASSES):
+            (root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
+                "".join(f"{i} {row[c]:2d}\n" for i, row in zip(ids, labels)))
 
 def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
     """Write, once: root/coco (COCO Captions + instances), root/voc/VOCdevkit/VOC2007 (20
@@ -1032,37 +1134,8 @@ def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
     if (root / "complete").exists():
         return
     rng = random.Random(seed)
-    coco = root / "coco"
-    (coco / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
-    for split, n in (("train", train), ("val", val)):
-        (coco / f"{split}2017").mkdir(exist_ok=True)
-        images, captions, instances = [], [], []
-        for i in range(1, n + 1):
-            image, objects = toy_scene(rng, size)
-            images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": size, "height": size})
-            image.save(coco / f"{split}2017" / images[-1]["file_name"], quality=90)
-            captions += [{"id": len(captions) + 1, "image_id": i, "caption": c} for c in toy_captions(rng, objects)]
-            instances += [{"id": len(instances) + 1, "image_id": i, "category_id": SHAPES.index(shape) + 1,
-                           "bbox": [x - r, y - r, 2 * r, 2 * r], "area": 4 * r * r, "iscrowd": 0, "segmentation": []}
-                          for _, shape, _, x, y, r in objects]
-        (coco / "annotations" / f"captions_{split}2017.json").write_text(json.dumps({"images": images, "annotations": captions}))
-        (coco / "annotations" / f"instances_{split}2017.json").write_text(
-            json.dumps({"images": images, "annotations": instances, "categories": categories}))
-    voc_root = root / "voc" / "VOCdevkit" / "VOC2007"
-    for d in ("JPEGImages", "ImageSets/Main"):
-        (voc_root / d).mkdir(parents=True, exist_ok=True)
-    for split, first in (("trainval", 0), ("test", voc)):
-        ids, labels = [f"{i:06d}" for i in range(first, first + voc)], []
-        for i in ids:
-            image, objects = toy_scene(rng, size)
-            image.save(voc_root / "JPEGImages" / f"{i}.jpg", quality=90)
-            scales = [{o[2] for o in objects if f"{o[0]}_{o[1]}" == c} for c in TOY_CLASSES]
-            labels.append([-1 if not s else 0 if s == {"tiny"} else 1 for s in scales])  # VOC: 0 = difficult
-        (voc_root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-        for c, name in enumerate(TOY_CLASSES):
-            (voc_root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
-                "".join(f"{i} {row[c]:2d}\n" for i, row in zip(ids, labels)))
+    write_toy_coco(root / "coco", rng, size, {"train": train, "val": val})
+    write_toy_voc(root / "voc" / "VOCdevkit" / "VOC2007", rng, size, voc)
     for split, n in (("train", 20), ("val", 5)):
         for name in TOY_CLASSES:
             (root / "imagenet" / split / name).mkdir(parents=True, exist_ok=True)
@@ -1071,32 +1144,43 @@ def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
                 image.save(root / "imagenet" / split / name / f"{i:04d}.jpg", quality=90)
     (root / "complete").write_text("written by virtex.make_toy_world\n")
 
-
 # ----------------------------------------------------------------------------------------------
 # Command line: caption images (with attention pictures), export the backbone
+
+def attention_probabilities(attention, x, memory):
+    """(B, heads, T, N): the softmax an Attention module computes for queries x over memory."""
+    q, k, _ = attention.project(x, memory)
+    return (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
 
 @torch.no_grad()
 def cross_attention(model, images, captions):
     """(B, T, h, w): where the forward head's last layer looked (mean over heads) when it
-    predicted each token of `captions` (token lists without [SOS])."""
+    predicted each token of `captions` (token lists without [SOS]). A forward hook reads the
+    attention's inputs; the model runs as it always does."""
     grid = model.visual(images)
-    inputs = [torch.tensor([SOS, *c])[:max(1, len(c))] for c in captions]  # the last token is no input
-    tokens = nn.utils.rnn.pad_sequence(inputs, batch_first=True)
-    weights = []
-    model.textual(model.textual.project(grid), tokens.to(images.device), weights=weights)
-    return weights[-1].mean(1).unflatten(-1, grid.shape[2:])
-
+    inputs = [torch.tensor([SOS, *c])[:max(1, len(c))] for c in captions]  # the last is no input
+    tokens = nn.utils.rnn.pad_sequence(inputs, batch_first=True).to(images.device)
+    attention = model.textual.transformer.layers[-1].multihead_attn
+    seen = []
+    hook = attention.register_forward_hook(lambda module, args, _: seen.append(args))
+    try:
+        model.textual(model.textual.project(grid), tokens)
+    finally:
+        hook.remove()
+    return attention_probabilities(attention, *seen[0]).mean(1).unflatten(-1, grid.shape[2:])
 
 def draw_attention(image, words, maps, path, cell=160, per_row=6):
     """The image, then for each word its attention map as a heatmap over the image (dark to
-    yellow, relative to the word's most attended cell: a uniform map is uniformly hot), the word below."""
+    yellow, relative to the word's most attended cell: a uniform map is uniformly hot)."""
     from PIL import ImageDraw
     image = image.resize((cell, cell))
-    hot = [lambda v: min(255, 3 * v), lambda v: min(255, max(0, 3 * v - 255)), lambda v: max(0, 3 * v - 510)]
+    hot = [lambda v: min(255, 3 * v), lambda v: min(255, max(0, 3 * v - 255)),
+           lambda v: max(0, 3 * v - 510)]
     panels = [(image, "")]
     for word, grid in zip(words, maps):
         heat = (255 * grid / grid.max()).byte()  # (h, w)
-        mask = Image.frombytes("L", heat.shape[::-1], bytes(heat.flatten().tolist())).resize((cell, cell), Image.BILINEAR)
+        mask = Image.frombytes("L", heat.shape[::-1], bytes(heat.flatten().tolist()))
+        mask = mask.resize((cell, cell), Image.BILINEAR)
         panels.append((Image.blend(image, Image.merge("RGB", [mask.point(f) for f in hot]), 0.6), word))
     rows = math.ceil(len(panels) / per_row)
     sheet = Image.new("RGB", (cell * min(per_row, len(panels)), rows * (cell + 20)), "white")
@@ -1107,7 +1191,6 @@ def draw_attention(image, words, maps, path, cell=160, per_row=6):
         draw.text((x + cell // 2, y + cell + 3), word, fill="black", anchor="mt")
     sheet.save(path)
 
-
 def caption_command(args):
     model, tokenizer = load_model(args.ckpt)
     if args.vocab:
@@ -1115,15 +1198,16 @@ def caption_command(args):
     if tokenizer is None:
         raise ValueError(f"{args.ckpt} carries no vocabulary: pass --vocab (e.g. coco_10k.model)")
     if len(tokenizer) != model.cfg.vocab_size:
-        raise ValueError(f"the vocabulary has {len(tokenizer)} tokens but {args.ckpt} predicts {model.cfg.vocab_size}")
-    if model.cfg.task not in ("bicaptioning", "captioning"):
+        raise ValueError(f"the vocabulary has {len(tokenizer)} tokens but {args.ckpt} predicts "
+                         f"{model.cfg.vocab_size}")
+    if not model.cfg.captioning:
         raise ValueError(f"{args.ckpt} was trained for {model.cfg.task}, which does not caption")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     size = model.cfg.image_size
     resize = round(size * 256 / 224)
     pictures = [TF.center_crop(TF.resize(load_image(p), resize), size) for p in args.images]
-    images = torch.stack([to_tensor(p) for p in pictures]).to(device)
+    images = to_input(torch.stack([TF.pil_to_tensor(p) for p in pictures]), device, False)
     generator = torch.Generator().manual_seed(args.seed)
     captions = model.caption(images, args.beam, args.nucleus, model.cfg.max_length, generator)
     if args.attention:
@@ -1135,23 +1219,27 @@ def caption_command(args):
             words = [tokenizer.sp.id_to_piece(t).replace("\u2581", "") for t in tokens]
             draw_attention(pictures[k], words, maps[k], Path(args.attention) / f"{Path(path).stem}.png")
 
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="virtex.py", description="Caption images with a VirTex checkpoint, or export its backbone.")
+def get_args_parser():
+    parser = argparse.ArgumentParser(prog="virtex.py", description="Caption images with a VirTex "
+                                     "checkpoint, or export its backbone.")
     commands = parser.add_subparsers(dest="command", required=True)
     caption = commands.add_parser("caption", help="print a caption per image")
-    caption.add_argument("--ckpt", required=True, help="our checkpoint, or one saved by the official code")
+    caption.add_argument("--ckpt", required=True, help="our checkpoint, or an official one")
     caption.add_argument("images", nargs="+", help="image files")
     caption.add_argument("--beam", type=int, default=5, help="beam size (default: 5)")
-    caption.add_argument("--nucleus", type=float, help="sample with this nucleus p (e.g. 0.9) instead of beam search")
+    caption.add_argument("--nucleus", type=float, help="sample with this nucleus p (e.g. 0.9)")
     caption.add_argument("--seed", type=int, default=0, help="for nucleus sampling (default: 0)")
-    caption.add_argument("--vocab", help="SentencePiece model, needed for official checkpoints (coco_10k.model)")
+    caption.add_argument("--vocab", help="SentencePiece model for official checkpoints")
     caption.add_argument("--attention", help="folder for one attention picture per image")
     export = commands.add_parser("export", help="write the backbone for torchvision or detectron2")
-    export.add_argument("--ckpt", required=True, help="our checkpoint, or one saved by the official code")
-    export.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision", help="(default: torchvision)")
+    export.add_argument("--ckpt", required=True, help="our checkpoint, or an official one")
+    export.add_argument("--format", choices=["torchvision", "detectron2"], default="torchvision",
+                        help="(default: torchvision)")
     export.add_argument("out", help="output file")
-    args = parser.parse_args(argv)
+    return parser
+
+def main(argv=None):
+    args = get_args_parser().parse_args(argv)
     try:
         if args.command == "caption":
             caption_command(args)

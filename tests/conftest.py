@@ -1,12 +1,25 @@
-"""Shared fixtures: a throwaway vocabulary, a tiny model config and a tiny COCO folder."""
+"""Shared fixtures and helpers: a throwaway vocabulary, a tiny model, a tiny COCO folder, the toy
+world, and train.py run in this process or under torchrun."""
 import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import train
 import virtex
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough that a training step takes a few milliseconds on a CPU.
+TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--heads", "2",
+        "--feedforward", "64", "--vocab-size", "64", "--batch-size", "8", "--workers", "0",
+        "--warmup", "2", "--log-every", "2"]
 
 CAPTIONS = [f"a {size} {color} {shape} {rel} a {color2} {shape2}"
             for size in ("small", "large") for color in ("red", "green", "blue", "bright yellow")
@@ -21,8 +34,8 @@ def tokenizer(tmp_path_factory):
 
 @pytest.fixture
 def cfg(tokenizer):
-    return virtex.Config(backbone="resnet18", hidden=32, heads=2, vocab_size=len(tokenizer), image_size=64,
-                         batch_size=4, workers=0, warmup=2, iterations=20)
+    return virtex.Config(backbone="resnet18", hidden=32, heads=2, vocab_size=len(tokenizer),
+                         image_size=64, batch_size=4, workers=0, warmup=2, iterations=20)
 
 
 @pytest.fixture
@@ -39,15 +52,44 @@ def write_coco(root, split, n, captions_per_image=3, seed=0, size=(80, 60)):
     images, annotations = [], []
     for i in range(1, n + 1):
         name = f"{i:012d}.jpg"
-        Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3))).save(root / f"{split}2017" / name)
+        color = tuple(rng.randrange(256) for _ in range(3))
+        Image.new("RGB", size, color).save(root / f"{split}2017" / name)
         images.append({"id": i, "file_name": name, "width": size[0], "height": size[1]})
         for _ in range(captions_per_image):
-            annotations.append({"id": len(annotations) + 1, "image_id": i, "caption": rng.choice(CAPTIONS)})
-    (root / "annotations" / f"captions_{split}2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+            annotations.append({"id": len(annotations) + 1, "image_id": i,
+                                "caption": rng.choice(CAPTIONS)})
+    path = root / "annotations" / f"captions_{split}2017.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations}))
 
 
 @pytest.fixture
 def coco(tmp_path):
-    write_coco(tmp_path, "train", 12)
-    write_coco(tmp_path, "val", 4, seed=1)
-    return tmp_path
+    """A COCO Captions folder: 12 train and 4 val images, 3 captions each."""
+    write_coco(tmp_path / "coco", "train", 12)
+    write_coco(tmp_path / "coco", "val", 4, seed=1)
+    return tmp_path / "coco"
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """The toy world at 32 px: 48 train and 8 val COCO images, 24 + 24 VOC images."""
+    root = tmp_path_factory.mktemp("toy")
+    virtex.make_toy_world(root, size=32, train=48, val=8, voc=24)
+    return root
+
+
+def run_train(out, *flags):
+    """train.py in this process, the tiny model; later flags win (e.g. --data or --toy-dir)."""
+    train.cli(["--out", str(out), *TINY, *map(str, flags)])
+
+
+def torchrun_command(script, *flags, nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / script), *map(str, flags)]
+
+
+def torchrun(script, *flags, nproc=2):
+    """Run a script under torchrun with CPU processes (gloo); returns the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(torchrun_command(script, *flags, nproc=nproc), cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)

@@ -12,22 +12,13 @@ from PIL import Image
 
 import train
 import virtex
-from conftest import write_coco
+from conftest import ROOT, TINY, run_train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--heads", "2", "--feedforward", "64",
-        "--vocab-size", "64", "--batch-size", "6", "--workers", "0", "--warmup", "1", "--log-every", "1"]
+FAST = ["--batch-size", "6", "--warmup", "1", "--log-every", "1"]
 
 
-@pytest.fixture
-def coco(tmp_path):
-    write_coco(tmp_path / "coco", "train", 12)
-    write_coco(tmp_path / "coco", "val", 3, seed=1)
-    return tmp_path / "coco"
-
-
-def run(data, out, *extra):
-    train.cli(["--data", str(data), "--out", str(out), *TINY, *extra])
+def run(data, out, *flags):
+    run_train(out, "--data", data, *FAST, *flags)
 
 
 def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_path, capsys):
@@ -83,7 +74,7 @@ def test_wrong_invocations_end_with_one_clear_line(flags, message, coco, tmp_pat
     shutil.copytree(coco / "annotations", tmp_path / "no_images" / "annotations")
     fill = lambda s: s.format(tmp=tmp_path, coco=coco)
     with pytest.raises(SystemExit, match=f"^error: .*{fill(message)}"):
-        train.cli([*TINY, "--out", str(tmp_path / "out"), *map(fill, flags)])
+        train.cli([*TINY, *FAST, "--out", str(tmp_path / "out"), *map(fill, flags)])
 
 
 def test_a_bad_invocation_prints_no_traceback(tmp_path):

@@ -54,7 +54,7 @@ def test_train_step_runs_the_configured_speed_path(model, cfg):
         c = m.cfg
         optimizer = virtex.build_optimizer(m, c)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        m = train.prepare(m, c, torch.device("cpu"), distributed=False).train()
+        m = train.wrap_for_training(m, c, torch.device("cpu"), distributed=False).train()
         torch.manual_seed(1)
         stats = train.train_step(m, optimizer, scaler, images, tokens, lengths, 5, c)
         results.append((stats, [p.detach().clone() for p in m.parameters()]))

@@ -2,30 +2,17 @@
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import probe
-import train
 import virtex
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--heads", "2", "--feedforward", "64",
-        "--vocab-size", "64", "--batch-size", "8", "--workers", "0", "--warmup", "2", "--log-every", "2"]
+from conftest import ROOT, TINY, run_train, torchrun, torchrun_command
 
 
-@pytest.fixture(scope="session")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    virtex.make_toy_world(root, size=32, train=48, val=8, voc=24)
-    return root
-
-
-def run(toy, out, *extra):
-    train.main(train.parse_args(["--toy-dir", str(toy), "--out", str(out), *TINY, *extra]))
+def run(toy, out, *flags):
+    run_train(out, "--toy-dir", toy, *flags)
 
 
 def test_toy_world_is_valid_coco_and_voc(toy):
@@ -90,13 +77,11 @@ def test_changed_settings_refuse_to_resume(toy, tmp_path):
 
 
 def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-               "--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--iterations", "4", "--checkpoint-every", "100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.run(command + ["--stop-after", "2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4", "--checkpoint-every", "100"]
+    first = torchrun("train.py", *flags, "--stop-after", "2")
     assert first.returncode == 0, first.stderr[-2000:]
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
-    second = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    second = torchrun("train.py", *flags)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming" in second.stdout and virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
 
@@ -104,8 +89,8 @@ def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
     import re
     import signal
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-               "--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--iterations", "200", "--checkpoint-every", "1000"]
+    command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "200",
+                               "--checkpoint-every", "1000")
     process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = b""
@@ -121,7 +106,5 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
 
 
 def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-               "--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--batch-size", "3"]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    result = torchrun("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--batch-size", "3")
     assert result.returncode != 0 and "error: --batch-size 3 is not divisible by the 2 processes" in result.stderr

@@ -73,7 +73,7 @@ def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
     seen = set()
     for seed in range(20):
         image, tokens, _ = data[(0, seed)]
-        flipped = bool(image[2, :, :16].mean() > image[0, :, :16].mean())  # blue on the left
+        flipped = bool(image[2, :, :16].float().mean() > image[0, :, :16].float().mean())  # blue on the left
         text = tokenizer.decode(tokens.tolist())
         assert text == ("a red circle right of a blue circle" if flipped else "a red circle left of a blue circle")
         seen.add(flipped)
@@ -107,14 +107,14 @@ def test_long_captions_are_cut_to_max_length_without_eos(tmp_path, tokenizer, cf
 
 
 def test_stream_shards_every_global_batch_disjointly_and_resumes():
-    full = list(virtex.Stream(10, 4, seed=0, start=0, stop=6))
-    ranks = [list(virtex.Stream(10, 4, seed=0, start=0, stop=6, rank=r, world=2)) for r in range(2)]
+    full = list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6))
+    ranks = [list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6, rank=r, world=2)) for r in range(2)]
     for i, batch in enumerate(full):
         assert ranks[0][i] + ranks[1][i] == batch
-    assert list(virtex.Stream(10, 4, seed=0, start=3, stop=6)) == full[3:]
+    assert list(virtex.ResumableSampler(10, 4, seed=0, start=3, stop=6)) == full[3:]
     first_pass = [index for batch in full[:2] for index, _ in batch] + [index for index, _ in full[2][:2]]
     assert sorted(first_pass) == list(range(10))  # one full pass before any image repeats
-    assert list(virtex.Stream(10, 4, seed=1, start=0, stop=6)) != full
+    assert list(virtex.ResumableSampler(10, 4, seed=1, start=0, stop=6)) != full
 
 
 def test_missing_annotation_file_is_named(tmp_path, tokenizer, cfg):
@@ -303,6 +303,20 @@ def test_param_groups_split_cnn_and_decay(model, cfg):
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
+def test_autocast_runs_bf16_only_where_native_and_fp16_only_on_gpus(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert virtex.amp_dtype(gpu, "bf16") == torch.bfloat16 and virtex.amp_dtype(gpu, "fp16") == torch.float16
+    assert virtex.amp_dtype(gpu, "off") is None and virtex.amp_dtype(cpu, "fp16") is None
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    for native in (False, True):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        assert virtex.amp_dtype(cpu, "bf16") == (torch.bfloat16 if native else None)
+        with virtex.autocast(cpu, "bf16"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (torch.bfloat16 if native else torch.float32)
+        with virtex.autocast(cpu, "off"):
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
 # -- checkpoints -------------------------------------------------------------------------------
 
 def test_state_dict_has_the_official_layout():
@@ -436,12 +450,30 @@ def test_caption_words_lowercases_and_drops_punctuation():
     assert virtex.caption_words("A man, riding a Horse!  ") == "a man riding a horse"
 
 
-def test_attention_rows_sum_to_one_and_the_picture_is_written(tmp_path, model, tokenizer, cfg):
+def test_attention_probabilities_reproduce_the_module_output(model):
+    model.eval()
+    attention = model.textual.transformer.layers[0].multihead_attn
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
+    p = virtex.attention_probabilities(attention, x, memory)  # (B, heads, T, N)
+    _, _, v = attention.project(x, memory)
+    torch.testing.assert_close(attention(x, memory), attention.out_proj((p @ v).transpose(1, 2).flatten(2)))
+
+
+def test_attention_pictures_read_the_last_layer_and_the_picture_is_written(tmp_path, model, tokenizer, cfg):
     from PIL import Image
     model.eval()
-    maps = virtex.cross_attention(model, torch.randn(2, 3, 64, 64), [[5, 6, 7], [8]])
+    images = torch.randn(2, 3, 64, 64)
+    maps = virtex.cross_attention(model, images, [[5, 6, 7], [8]])
     assert maps.shape == (2, 3, 2, 2)
-    torch.testing.assert_close(maps.sum((2, 3)), torch.ones(2, 3))
+    layer, head = model.textual.transformer.layers[-1], model.textual
+    assert not layer.multihead_attn._forward_hooks  # the hook is gone afterwards
+    memory = head.project(model.visual(images))
+    tokens = torch.tensor([[virtex.SOS, 5, 6], [virtex.SOS, 0, 0]])
+    x = head.embedding(tokens)
+    x = layer.norm1(x + layer.self_attn(x, causal=True))  # the cross-attention's input (post-norm)
+    expected = virtex.attention_probabilities(layer.multihead_attn, x, memory).mean(1).unflatten(-1, (2, 2))
+    torch.testing.assert_close(maps[0], expected[0])
+    torch.testing.assert_close(maps[1, :1], expected[1, :1])  # the one word of the second caption
     virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "vocab": tokenizer.model})
     Image.new("RGB", (90, 70), "red").save(tmp_path / "red.jpg")
     virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--beam", "2", "--attention", str(tmp_path / "att"), str(tmp_path / "red.jpg")])
