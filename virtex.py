@@ -1127,22 +1127,30 @@ def write_toy_voc(root, rng, size, images):
             (root / "ImageSets" / "Main" / f"{name}_{split}.txt").write_text(
                 "".join(f"{i} {row[c]:2d}\n" for i, row in zip(ids, labels)))
 
-def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
-    """Write, once: root/coco (COCO Captions + instances), root/voc/VOCdevkit/VOC2007 (20
-    colour+shape classes) and root/imagenet (ImageFolder train/val of one-shape images)."""
-    root = Path(root)
-    if (root / "complete").exists():
-        return
-    rng = random.Random(seed)
-    write_toy_coco(root / "coco", rng, size, {"train": train, "val": val})
-    write_toy_voc(root / "voc" / "VOCdevkit" / "VOC2007", rng, size, voc)
-    for split, n in (("train", 20), ("val", 5)):
+def write_toy_imagenet(root, rng, size, per_class):
+    """An ImageFolder ({split}/{class}/*.jpg) of one-shape images of the 20 VOC classes."""
+    for split, n in per_class.items():
         for name in TOY_CLASSES:
-            (root / "imagenet" / split / name).mkdir(parents=True, exist_ok=True)
+            (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 image, _ = toy_scene(rng, size, kinds=[tuple(name.split("_"))])
-                image.save(root / "imagenet" / split / name / f"{i:04d}.jpg", quality=90)
-    (root / "complete").write_text("written by virtex.make_toy_world\n")
+                image.save(root / split / name / f"{i:04d}.jpg", quality=90)
+
+
+def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
+    """Write each missing part once: root/coco (COCO Captions + instances), root/voc/VOCdevkit/
+    VOC2007 (20 colour+shape classes) and root/imagenet (ImageFolder). Each part draws from a
+    generator of its own, so a part added later leaves the others as they were."""
+    root = Path(root)
+    parts = {"coco": lambda rng: write_toy_coco(root / "coco", rng, size, {"train": train, "val": val}),
+             "voc": lambda rng: write_toy_voc(root / "voc" / "VOCdevkit" / "VOC2007", rng, size, voc),
+             "imagenet": lambda rng: write_toy_imagenet(root / "imagenet", rng, size, {"train": 20, "val": 5})}
+    for name, write in parts.items():
+        done = root / name / "complete"
+        if not done.exists():
+            write(random.Random(f"{seed}/{name}"))
+            done.write_text("written by virtex.make_toy_world\n")
+
 
 # ----------------------------------------------------------------------------------------------
 # Command line: caption images (with attention pictures), export the backbone
