@@ -23,6 +23,7 @@ import virtex
 
 LOSSES = ("loss", "loss_forward", "loss_backward")
 RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a run resumes
+LONGER = ("iterations",)  # may change too: "train it longer" (the schedule changes from there on)
 
 # The demo: what learns in a few minutes on two CPU cores (README: "The toy world").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, vocab_size=128,
@@ -186,14 +187,26 @@ class Run:
             self.log.flush()
 
 
-def build(args, cfg, tokenizer, device, rank=0, world=1):
-    """The model and optimizer (the same initial weights in every process and every rerun),
-    resumed from OUT/last.pt if it exists."""
+def new_model(cfg, device):
+    """(model, optimizer, loss scaler): the same initial weights in every process and rerun."""
     torch.manual_seed(cfg.seed)
     model = virtex.VirTex(cfg).to(device)
+    if cfg.channels_last:  # NHWC: tensor-core convolutions (cuDNN, oneDNN) without transposes. Set
+        model.to(memory_format=torch.channels_last)  # before the optimizer: its state follows
     optimizer = virtex.build_optimizer(model, cfg, fused=device.type == "cuda")  # one kernel
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
-    run = Run(args, cfg, tokenizer, model, optimizer, scaler, device, rank, world)
+    return model, optimizer, scaler
+
+
+def load_scaler(scaler, state):
+    """A bf16 or fp32 run saved a disabled scaler's empty state: an fp16 resume starts afresh."""
+    if state:
+        scaler.load_state_dict(state)
+
+
+def build(args, cfg, tokenizer, device, rank=0, world=1):
+    """The run, resumed from OUT/last.pt if it exists (refused if other settings made it)."""
+    run = Run(args, cfg, tokenizer, *new_model(cfg, device), device, rank, world)
     last = run.out / "last.pt"
     if last.exists():
         checkpoint = virtex.load_checkpoint(last)
@@ -203,31 +216,32 @@ def build(args, cfg, tokenizer, device, rank=0, world=1):
             raise SystemExit(f"error: {last} is not a train.py checkpoint "
                              f"(no {', '.join(missing)}); use another --out")
         saved = checkpoint["config"]
-        changed = [k for k, v in saved.items() if k not in RUNTIME and getattr(cfg, k, v) != v]
+        changed = [k for k, v in saved.items() if k not in RUNTIME + LONGER and getattr(cfg, k, v) != v]
         changed += ["vocabulary"] if checkpoint["vocab"] != tokenizer.model else []
         if changed:
             raise SystemExit(f"error: {last} was trained with other settings "
                              f"({', '.join(changed)}); use another --out")
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint.get("scaler", {}))
+        run.model.load_state_dict(checkpoint["model"])
+        run.optimizer.load_state_dict(checkpoint["optimizer"])
+        load_scaler(run.scaler, checkpoint.get("scaler"))
         run.start = checkpoint["iteration"]
         if (run.out / "best.pt").exists():
             run.best_map = virtex.load_checkpoint(run.out / "best.pt")["voc_map"]
         virtex.print0(f"resuming {last} at iteration {run.start}")
+        if saved["iterations"] != cfg.iterations:
+            virtex.print0(f"--iterations {cfg.iterations}, not {saved['iterations']}: the LR "
+                          f"schedule changes from iteration {run.start} on")
     return run
 
 
 def wrap_for_training(model, cfg, device, distributed):
-    """The module the loop calls: channels_last, compiled, DDP-wrapped as configured."""
-    if cfg.channels_last:  # NHWC: tensor-core convolutions (cuDNN, oneDNN) without transposes
-        model.to(memory_format=torch.channels_last)
-    if cfg.compile:  # fuses the pointwise ops around the matmuls; before DDP, so DDP sees the graph
-        model = torch.compile(model)
+    """The module the loop calls: DDP-wrapped, then compiled, as configured."""
     if distributed:  # every parameter is used in every step: a static graph lets DDP overlap more
         ids = [device] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, ids, static_graph=True,
                                                           gradient_as_bucket_view=True)
+    if cfg.compile:  # fuses the pointwise ops around the matmuls. Compiled after DDP, as PyTorch
+        model = torch.compile(model)  # documents: DDP's hooks then overlap the gradient all-reduce
     return model
 
 
@@ -347,6 +361,15 @@ def evaluate(run, iteration, weights, val_data):
     return record
 
 
+def prepare(args, rank, world, device):
+    """(run, train data, val data): folders checked, vocabulary built or read, run resumed."""
+    check_folders(args, rank)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tokenizer = vocabulary(args, Path(args.out), rank)
+    cfg, train_data, val_data = datasets(args, tokenizer)
+    return build(args, cfg, tokenizer, device, rank, world), train_data, val_data
+
+
 # ----------------------------------------------------------------------------------------------
 # --benchmark: the training step on a synthetic batch, or the data loader alone
 
@@ -355,10 +378,7 @@ def benchmark(args, device):
     cfg = virtex.Config.from_dict({**vars(args), "vocab_size": vocab_size})
     if args.benchmark == "loader":
         return benchmark_loader(args, cfg)
-    torch.manual_seed(cfg.seed)
-    raw_model = virtex.VirTex(cfg).to(device)
-    optimizer = virtex.build_optimizer(raw_model, cfg, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
+    raw_model, optimizer, scaler = new_model(cfg, device)
     model = wrap_for_training(raw_model, cfg, device, distributed=False).train()
     B, T = cfg.batch_size, cfg.max_length
     images = torch.randn(B, 3, cfg.image_size, cfg.image_size, device=device)
@@ -458,11 +478,8 @@ def main(args):
     if args.benchmark:
         return benchmark(args, device)
     demo = args.data is None
-    check_folders(args, rank)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    tokenizer = vocabulary(args, Path(args.out), rank)
-    cfg, train_data, val_data = datasets(args, tokenizer)
-    run = build(args, cfg, tokenizer, device, rank, world)
+    run, train_data, val_data = prepare(args, rank, world, device)
+    cfg = run.cfg
     stop = min(args.stop_after or cfg.iterations, cfg.iterations)
     if run.start >= stop:
         return virtex.print0(f"{run.out}/last.pt is at iteration {run.start}: nothing to do")

@@ -138,6 +138,12 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_proto=self.model)
         except RuntimeError:
             raise ValueError(f"{name}: not a SentencePiece model") from None
+        for piece, i in SPECIAL_PIECES.items():  # ids the model is built on: check them by piece
+            found = self.sp.piece_to_id(piece)
+            if found != i or not (self.sp.is_unknown(i) or self.sp.is_control(i)):
+                raise ValueError(f"{name}: {piece} is id {found}, not {i}; build it with Tokenizer.train "
+                                 "(SentencePiece: unk_id=0 bos_id=-1 eos_id=-1 control_symbols="
+                                 "[SOS],[EOS],[MASK])")
 
     @classmethod
     def train(cls, captions, prefix=None, vocab_size=10_000):
@@ -712,6 +718,10 @@ class LookAhead:
         state = dict(state)
         slow, self.counter = state.pop("slow"), state.pop("counter")
         self.optimizer.load_state_dict(state)
+        for p in self.params:  # each parameter's memory layout: a resume may flip channels_last,
+            buffers = self.optimizer.state[p]  # and fused CUDA SGD needs equal strides
+            for k, v in buffers.items():
+                buffers[k] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v
         torch._foreach_copy_(self.slow, slow)
 
 def no_weight_decay(name):

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import train
 import virtex
+from conftest import TINY, run_train
 
 
 def batch(cfg, seed=0):
@@ -77,3 +78,38 @@ def test_compiled_model_equals_eager(model, cfg):
     images, tokens = batch(cfg)
     expected = model(images, tokens)["loss"]
     torch.testing.assert_close(torch.compile(model)(images, tokens)["loss"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_parameters_layout(toy, tmp_path):
+    """Fused CUDA SGD requires parameters, gradients and momentum buffers to share strides."""
+    run_train(tmp_path, "--toy-dir", toy, "--iterations", "4", "--stop-after", "2", "--no-channels-last")
+    args = train.parse_args(["--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--iterations", "4"])
+    run, _, _ = train.prepare(args, 0, 1, torch.device("cpu"))
+    params = run.optimizer.params
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in params)  # now channels_last
+    for p, slow in zip(params, run.optimizer.slow):
+        moments = [v for v in run.optimizer.optimizer.state[p].values() if v.shape == p.shape]
+        assert len(moments) == 2 and all(v.stride() == p.stride() for v in moments)  # AdamW's two
+        assert slow.stride() == p.stride()
+
+
+def test_a_resume_into_fp16_starts_a_fresh_loss_scale():
+    """A bf16 or fp32 run saves a disabled GradScaler, whose state is empty."""
+    scaler = torch.amp.GradScaler("cpu", enabled=True)
+    train.load_scaler(scaler, torch.amp.GradScaler("cpu", enabled=False).state_dict())
+    assert scaler.get_scale() == 2.0 ** 16
+    train.load_scaler(scaler, torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict())
+    assert scaler.get_scale() == 1024.0
+
+
+def test_compile_wraps_the_ddp_module(cfg, tmp_path):
+    """Compiled after DDP (as PyTorch documents), so DDP's hooks overlap communication."""
+    import torch.distributed as dist
+    from dataclasses import replace
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = virtex.VirTex(replace(cfg, compile=True))
+        wrapped = train.wrap_for_training(model, model.cfg, torch.device("cpu"), distributed=True)
+        assert isinstance(wrapped._orig_mod, torch.nn.parallel.DistributedDataParallel)
+    finally:
+        dist.destroy_process_group()

@@ -70,10 +70,13 @@ def test_every_task_trains_and_its_checkpoint_loads_back(task, toy, tmp_path):
     assert all(torch.equal(official.state_dict()[k], v) for k, v in state.items())
 
 
-def test_changed_settings_refuse_to_resume(toy, tmp_path):
+def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, tmp_path, capsys):
     run(toy, tmp_path, "--iterations", "4", "--stop-after", "2")
     with pytest.raises(SystemExit, match="hidden"):
         run(toy, tmp_path, "--iterations", "4", "--hidden", "64", "--heads", "2")
+    run(toy, tmp_path, "--iterations", "5", "--checkpoint-every", "100")
+    assert "--iterations 5, not 4: the LR schedule changes from iteration 2 on" in capsys.readouterr().out
+    assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 5
 
 
 def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):

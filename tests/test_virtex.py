@@ -50,6 +50,18 @@ def test_tokenizer_pickles_for_dataloader_workers(tokenizer):
     assert clone.encode("two small green triangles") == tokenizer.encode("two small green triangles")
 
 
+def test_a_vocabulary_with_other_special_ids_is_refused_by_piece(tmp_path):
+    import io
+    import sentencepiece as spm
+    from conftest import CAPTIONS
+    buffer = io.BytesIO()  # SentencePiece's defaults: <unk> 0, <s> 1, </s> 2, no [SOS]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_writer=buffer, vocab_size=64,
+                                   minloglevel=2)
+    (tmp_path / "other.model").write_bytes(buffer.getvalue())
+    with pytest.raises(ValueError, match=r"other.model: \[SOS\] is id 0, not 1; build it with Tokenizer.train"):
+        virtex.Tokenizer(tmp_path / "other.model")
+
+
 def test_tokenizer_reports_a_vocabulary_too_large_for_the_corpus():
     with pytest.raises(ValueError, match="5000-token vocabulary"):
         virtex.Tokenizer.train(["a red circle", "a blue square"], vocab_size=5000)
