@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -41,7 +42,8 @@ def load_backbone(init, backbone="resnet50", seed=0):
 
 
 # ----------------------------------------------------------------------------------------------
-# Features: short side 256/224 of the image size, centre crop, GAP of layer4, L2-normalised
+# Features: short side 256/224 of the image size, centre crop, GAP of layer4, L2-normalised.
+# Every rank decodes its share of an evaluation set once; the features are gathered.
 
 class Images(torch.utils.data.Dataset):
     """Evaluation views (uint8): short side 256/224 of the image size, centre crop."""
@@ -58,26 +60,67 @@ class Images(torch.utils.data.Dataset):
         return virtex.eval_image(image, self.resize, self.size)
 
 
-def features(visual, images, device):
-    """(B, C) pooled layer4 features of uint8 images, through the training step's bf16 and
+def shard(keys, rank=0, world=1, batch_size=64):
+    """This rank's batches of `keys`. The batches are the same whatever the number of processes
+    (dealt round-robin), so a sharded evaluation computes what an unsharded one does."""
+    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    return batches[rank::world]
+
+
+class EvalSet:
+    """Batches of a dataset that never change (no augmentation): this rank's share, decoded once
+    with `cache`, its uint8 images then kept in host memory, so that every later evaluation is
+    forward passes only. Iterating yields (keys, collated batch)."""
+
+    def __init__(self, data, batches, workers=2, cache=True, collate=None):
+        self.data, self.batches, self.workers = data, batches, workers
+        self.collate = collate or torch.utils.data.default_collate
+        self.cache, self.decoded = cache, None
+
+    def __iter__(self):
+        if self.decoded is not None:
+            return zip(self.batches, self.decoded)
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches,
+                                             num_workers=self.workers, collate_fn=self.collate)
+        if not self.cache:
+            return zip(self.batches, loader)
+        self.decoded = list(loader)
+        return zip(self.batches, self.decoded)
+
+    def nbytes(self):
+        """Host memory the decoded batches hold."""
+        batches = [batch if isinstance(batch, list) else [batch] for batch in self.decoded or []]
+        return sum(t.nbytes for batch in batches for t in batch if torch.is_tensor(t))
+
+
+def gather(parts, group):
+    """Every rank's [(keys, result)], in the order of the keys, on every rank."""
+    if group is not None:
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, parts, group=group)
+        parts = [part for rank_parts in everyone for part in rank_parts]
+    return sorted(parts, key=lambda part: part[0][0])
+
+
+def features(visual, images, device, amp="bf16"):
+    """(B, C) pooled layer4 features of uint8 images, through the training step's autocast and
     channels_last paths."""
     images = virtex.to_input(images, device).contiguous(memory_format=torch.channels_last)
-    with virtex.autocast(device):
+    with virtex.autocast(device, amp):
         return virtex.pooled(visual(images))
 
 
 @torch.no_grad()
-def extract(visual, paths, image_size, device, workers=2, progress=True, desc="features"):
-    """(N, C) L2-normalised, globally pooled layer4 features, the backbone in eval mode."""
+def extract(visual, evalset, device, amp="bf16", group=None, desc=None):
+    """(N, C) L2-normalised pooled features of a whole evaluation set (each rank extracts its
+    share; every rank gets all), the backbone in eval mode."""
     training = visual.training
     visual.eval()
-    data = Images(paths, image_size)
-    loader = torch.utils.data.DataLoader(data, batch_size=64, num_workers=workers)
-    out = []
-    for images in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not progress):
-        out.append(F.normalize(features(visual, images, device), dim=1).cpu())
+    parts = [(keys, F.normalize(features(visual, images, device, amp), dim=1).cpu())
+             for keys, images in tqdm(evalset, desc=desc, total=len(evalset.batches), leave=False,
+                                      dynamic_ncols=True, disable=desc is None)]
     visual.train(training)
-    return torch.cat(out)
+    return torch.cat([x for _, x in gather(parts, group)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,34 +314,53 @@ def read_voc(root, split):
     return paths, torch.tensor(columns).T, classes
 
 
-def voc_features(visual, root, image_size, device, cache=None, workers=2, progress=True):
-    """{"trainval": (x, y), "test": (x, y)} extracted once; `cache` is a file to reuse across runs
-    (it remembers which weights, VOC folder and image size it holds, and refuses others)."""
-    tensors = visual.state_dict().values()
-    weights = sum(p.double().sum().item() for p in tensors if p.is_floating_point())
-    key = {"voc": str(Path(root).resolve()), "image_size": image_size, "weights": round(weights, 6)}
-    if cache and Path(cache).exists():
-        saved = torch.load(cache, weights_only=True)
-        if saved["key"] != key:
-            raise ValueError(f"{cache}: features of {saved['key']}, not {key}; delete it or pick "
-                             "another --features file")
-        return saved["splits"]
-    splits = {}
-    for split in ("trainval", "test"):
-        paths, labels, _ = read_voc(root, split)
-        x = extract(visual, paths, image_size, device, workers, progress, f"VOC07 {split}")
-        splits[split] = (x, labels)
-    if cache:
-        torch.save({"key": key, "splits": splits}, cache)
-    return splits
+class VOC07:
+    """The VOC07 probe of one VOC folder at one image size: per split this rank's evaluation set
+    (decoded once, see EvalSet) and the labels; the SVM protocol's costs and folds."""
+
+    def __init__(self, root, image_size, rank=0, world=1, workers=2, cache=True):
+        self.root, self.image_size, self.costs, self.folds = Path(root), image_size, COSTS, 3
+        self.splits = {}
+        for split in ("trainval", "test"):
+            paths, labels, self.classes = read_voc(root, split)
+            batches = shard(list(range(len(paths))), rank, world)
+            self.splits[split] = EvalSet(Images(paths, image_size), batches, workers, cache), labels
+
+    def features(self, visual, device, amp="bf16", group=None, progress=False):
+        """{"trainval": (x, y), "test": (x, y)}, every rank extracting its share."""
+        bar = lambda split: f"VOC07 {split}" if progress else None
+        return {split: (extract(visual, data, device, amp, group, bar(split)), labels)
+                for split, (data, labels) in self.splits.items()}
+
+    def cached_features(self, visual, device, path, amp="bf16", group=None):
+        """features(), kept in the file `path` to rerun the SVMs in seconds. The file remembers
+        the weights, VOC folder and image size it holds, and refuses others."""
+        tensors = visual.state_dict().values()
+        weights = sum(p.double().sum().item() for p in tensors if p.is_floating_point())
+        key = {"voc": str(self.root.resolve()), "image_size": self.image_size,
+               "weights": round(weights, 6)}
+        if Path(path).exists():
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] != key:
+                raise ValueError(f"{path}: features of {saved['key']}, not {key}; delete it or "
+                                 "pick another --features file")
+            return saved["splits"]
+        splits = self.features(visual, device, amp, group, progress=True)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save({"key": key, "splits": splits}, path)
+        return splits
+
+    def evaluate(self, splits, device):
+        """Per-class test AP (percent) of the SVM protocol on extracted features."""
+        (x_train, y_train), (x_test, y_test) = splits["trainval"], splits["test"]
+        return evaluate_svms(x_train.to(device), y_train, x_test.to(device), y_test, self.costs,
+                             self.folds)
 
 
-def voc07(visual, root, image_size, device, cache=None, costs=COSTS, folds=3, workers=2,
-          progress=True):
-    """Per-class test AP (percent) of the VOC07 linear-SVM protocol."""
-    splits = voc_features(visual, root, image_size, device, cache, workers, progress)
-    (x_train, y_train), (x_test, y_test) = splits["trainval"], splits["test"]
-    return evaluate_svms(x_train.to(device), y_train, x_test.to(device), y_test, costs, folds)
+def voc07(visual, root, image_size, device, amp="bf16", workers=2):
+    """Per-class test AP (percent) of the VOC07 linear-SVM protocol, in one process."""
+    voc = VOC07(root, image_size, workers=workers, cache=False)
+    return voc.evaluate(voc.features(visual, device, amp), device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,7 +374,8 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
     from torchvision import transforms as T
     augment = T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
                          T.RandomHorizontalFlip(), T.PILToTensor()])
-    view = functools.partial(virtex.eval_image, resize=round(image_size * 256 / 224), size=image_size)
+    resize = round(image_size * 256 / 224)
+    view = functools.partial(virtex.eval_image, resize=resize, size=image_size)
     train = torchvision.datasets.ImageFolder(Path(root) / "train", augment)
     val = torchvision.datasets.ImageFolder(Path(root) / "val", view)
     loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, num_workers=workers,
@@ -338,7 +401,8 @@ def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr
     correct = 0
     with torch.no_grad():
         for images, labels in torch.utils.data.DataLoader(val, batch_size, num_workers=workers):
-            correct += (head(features(visual, images, device)).argmax(1).cpu() == labels).sum().item()
+            predicted = head(features(visual, images, device)).argmax(1).cpu()
+            correct += (predicted == labels).sum().item()
     visual.train(training)
     return 100 * correct / len(val)
 
@@ -456,7 +520,7 @@ def backbones(args):
 def main(args):
     if args.benchmark:
         return benchmark(args.quick)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device, group = virtex.init_processes()
     found = backbones(args)
     if args.imagenet:
         for name, visual, size, _ in found:
@@ -465,24 +529,41 @@ def main(args):
             print(f"{name}: top-1 {top1:.2f}")
         return
     if args.voc is None:
-        virtex.make_toy_world(args.toy_dir)
+        if rank == 0:
+            virtex.make_toy_world(args.toy_dir)
+        virtex.barrier()
         args.voc = Path(args.toy_dir) / "voc" / "VOCdevkit" / "VOC2007"
     if args.features and len(found) > 1:
         raise ValueError("--features caches one backbone's features: probe one at a time")
-    _, _, classes = read_voc(args.voc, "test")
-    results = []
+    vocs, results = {}, []  # several backbones of one image size decode VOC07 once
     for name, visual, size, cfg in found:
         start = time.perf_counter()
-        aps = voc07(visual.to(device), args.voc, size, device, args.features, tuple(args.costs),
-                    args.folds, args.workers)
-        results.append((name, cfg, aps))
-        print(f"{name}: VOC07 mAP {aps.mean():.2f} ({time.perf_counter() - start:.0f} s)")
+        if size not in vocs:
+            vocs[size] = VOC07(args.voc, size, rank, world, args.workers, cache=len(found) > 1)
+        voc, amp, visual = vocs[size], cfg.amp if cfg else "bf16", visual.to(device)
+        voc.costs, voc.folds = tuple(args.costs), args.folds
+        if args.features:
+            splits = voc.cached_features(visual, device, args.features, amp, group)
+        else:
+            splits = voc.features(visual, device, amp, group, progress=rank == 0)
+        if rank == 0:
+            results.append((name, cfg, voc.evaluate(splits, device)))
+            seconds = time.perf_counter() - start
+            print(f"{name}: VOC07 mAP {results[-1][2].mean():.2f} ({seconds:.0f} s)")
+    if rank == 0:
+        report(results, voc.classes, args.plot)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def report(results, classes, plot_to=None):
+    """The per-class table, the plot if asked, and the mAP line last."""
     names = [Path(name).parent.name or name for name, *_ in results]
     print(f"\n| class | {' | '.join(names)} |\n|---|" + "---|" * len(results))
     for c, name in enumerate(classes):
         print(f"| {name} | " + " | ".join(f"{aps[c]:.1f}" for *_, aps in results) + " |")
-    if args.plot:
-        plot(results, args.plot)
+    if plot_to:
+        plot(results, plot_to)
     if len(results) == 1:
         return print(f"mAP: {results[0][2].mean():.2f}")
     print("mAP: " + " | ".join(f"{name} {aps.mean():.2f}" for name, _, aps in results))

@@ -84,7 +84,11 @@ def get_args_parser():
                    help="keep NCHW activations")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("run")
-    g.add_argument("--checkpoint-every", type=whole_number, default=2000, help="save + evaluate")
+    g.add_argument("--checkpoint-every", type=whole_number, default=2000, help="save checkpoints")
+    g.add_argument("--eval-every", type=whole_number, help="evaluate (none: at every checkpoint)")
+    g.add_argument("--cider-images", type=whole_number, default=500, help="val images captioned")
+    g.add_argument("--no-eval-cache", dest="eval_cache", action="store_false",
+                   help="decode the evaluation images at every evaluation, not once")
     g.add_argument("--log-every", type=whole_number, default=20, help="iterations per log line")
     g.add_argument("--stop-after", type=whole_number, help="stop there, as if preempted")
     g.add_argument("--benchmark", nargs="?", const="step", choices=["step", "loader"],
@@ -94,7 +98,7 @@ def get_args_parser():
 
 def whole_number(text):
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of iterations >= 1, not {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
     return int(text)
 
 
@@ -172,10 +176,12 @@ class Run:
     device: torch.device
     rank: int = 0
     world: int = 1
+    group: object = None  # a gloo group for control messages and gathers (None: one process)
     start: int = 0  # iterations done before this process started
     best_map: float = -1.0  # best VOC07 mAP of any checkpoint so far
     log: object = None  # log.jsonl, open on rank 0
     reported: set = dataclasses.field(default_factory=set)  # unreadable images named so far
+    eval_sets: dict = None  # the evaluation inputs, decoded at the first evaluation
 
     @property
     def out(self):
@@ -204,9 +210,9 @@ def load_scaler(scaler, state):
         scaler.load_state_dict(state)
 
 
-def build(args, cfg, tokenizer, device, rank=0, world=1):
+def build(args, cfg, tokenizer, device, rank=0, world=1, group=None):
     """The run, resumed from OUT/last.pt if it exists (refused if other settings made it)."""
-    run = Run(args, cfg, tokenizer, *new_model(cfg, device), device, rank, world)
+    run = Run(args, cfg, tokenizer, *new_model(cfg, device), device, rank, world, group)
     last = run.out / "last.pt"
     if last.exists():
         checkpoint = virtex.load_checkpoint(last)
@@ -216,7 +222,8 @@ def build(args, cfg, tokenizer, device, rank=0, world=1):
             raise SystemExit(f"error: {last} is not a train.py checkpoint "
                              f"(no {', '.join(missing)}); use another --out")
         saved = checkpoint["config"]
-        changed = [k for k, v in saved.items() if k not in RUNTIME + LONGER and getattr(cfg, k, v) != v]
+        kept = [k for k in saved if k not in RUNTIME + LONGER]
+        changed = [k for k in kept if getattr(cfg, k, saved[k]) != saved[k]]
         changed += ["vocabulary"] if checkpoint["vocab"] != tokenizer.model else []
         if changed:
             raise SystemExit(f"error: {last} was trained with other settings "
@@ -304,20 +311,31 @@ def save(run, iteration):
     return weights
 
 
+def eval_sets(run, val_data):
+    """The evaluation inputs, built at the first evaluation: this rank's share of the val split
+    (and of VOC07), decoded once and kept unless --no-eval-cache (see probe.EvalSet)."""
+    if run.eval_sets is None:
+        args, cfg = run.args, run.cfg
+        keys = [(i, i) for i in range(len(val_data))]  # seed = index: the same caption every time
+        batches = probe.shard(keys, run.rank, run.world)
+        run.eval_sets = {"val": probe.EvalSet(val_data, batches, cfg.workers, args.eval_cache,
+                                              virtex.collate)}
+        if args.voc:
+            run.eval_sets["voc"] = probe.VOC07(args.voc, cfg.image_size, run.rank, run.world,
+                                               cfg.workers, args.eval_cache)
+    return run.eval_sets
+
+
 @torch.no_grad()
-def validate(run, data):
-    """Teacher-forced val loss, the whole split sharded across processes."""
-    model, cfg, device = run.model.eval(), run.cfg, run.device
-    keys = [(i, i) for i in range(run.rank, len(data), run.world)]  # seed = index: same caption
-    per_rank = cfg.batch_size // run.world
-    batches = [keys[i:i + per_rank] for i in range(0, len(keys), per_rank)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
-                                         collate_fn=virtex.collate)
+def validate(run, val):
+    """Teacher-forced val loss of the whole split, each rank computing its share."""
+    model, device = run.model.eval(), run.device
     total = torch.zeros(2, device=device)
-    for images, tokens, lengths, _ in loader:
-        with virtex.autocast(device, cfg.amp):
+    for _, (images, tokens, lengths, _) in val:
+        with virtex.autocast(device, run.cfg.amp):
             loss = model(virtex.to_input(images, device), tokens.to(device), lengths.to(device))["loss"]
-        total += torch.stack([loss.float() * len(images), torch.tensor(len(images), device=device)])
+        n = torch.tensor(len(images), device=device)
+        total += torch.stack([loss.float() * n, n])  # the batch's mean, weighted by its images
     if dist.is_initialized():
         dist.all_reduce(total)
     model.train()
@@ -325,49 +343,62 @@ def validate(run, data):
 
 
 @torch.no_grad()
-def val_cider(run, data, images=500):
-    """CIDEr of beam-search captions of the first val images against all their captions."""
-    model, cfg, device = run.model.eval(), run.cfg, run.device
-    keys = [(i, i) for i in range(min(images, len(data)))]
-    batches = [keys[i:i + 50] for i in range(0, len(keys), 50)]
-    loader = torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=cfg.workers,
-                                         collate_fn=virtex.collate)
-    captions = []
-    for images, *_ in loader:
-        with virtex.autocast(device, cfg.amp):
-            captions += model.caption(virtex.to_input(images, device), max_steps=cfg.max_length)
+def val_cider(run, val, data):
+    """CIDEr of beam-search captions of the first --cider-images val images against all their
+    captions (document frequencies over those images), each rank captioning its share."""
+    model, cfg, device, parts = run.model.eval(), run.cfg, run.device, []
+    for keys, (images, *_) in val:
+        keys = [key for key in keys if key[0] < run.args.cider_images]
+        if keys:
+            with virtex.autocast(device, cfg.amp):
+                images = virtex.to_input(images[:len(keys)], device)
+                parts.append((keys, model.caption(images, max_steps=cfg.max_length)))
     model.train()
-    candidates = {i: virtex.caption_words(run.tokenizer.decode(c)) for i, c in enumerate(captions)}
+    captions = probe.gather(parts, run.group)  # on every rank: each must join the gather
+    candidates = {i: virtex.caption_words(run.tokenizer.decode(c))
+                  for keys, batch in captions for (i, _), c in zip(keys, batch)}
     references = {i: [virtex.caption_words(c) for c in data.items[i][1]] for i in candidates}
-    return virtex.cider(candidates, references)[0]
+    return virtex.cider(candidates, references)[0] if run.rank == 0 else None
 
 
 def evaluate(run, iteration, weights, val_data):
-    """Val loss, val CIDEr and, with --voc, VOC07 mAP; the best mAP so far is kept as best.pt."""
-    record = {"iteration": iteration, "val_loss": validate(run, val_data)}
+    """Val loss, val CIDEr and, with --voc, VOC07 mAP, every rank doing its share (the SVMs run on
+    rank 0); the seconds each took and the memory the cached inputs hold; the best mAP so far is
+    kept as best.pt."""
+    sets, cfg, record, seconds = eval_sets(run, val_data), run.cfg, {"iteration": iteration}, {}
+
+    def part(name, compute):
+        start = time.perf_counter()
+        record[name], seconds[name] = compute(), round(time.perf_counter() - start, 3)
+
+    part("val_loss", lambda: validate(run, sets["val"]))
+    if cfg.captioning:
+        part("val_cider", lambda: val_cider(run, sets["val"], val_data))
+    if "voc" in sets:
+        def voc_map():  # every rank extracts its share; rank 0 runs the SVMs
+            splits = sets["voc"].features(run.model.visual, run.device, cfg.amp, run.group)
+            return sets["voc"].evaluate(splits, run.device).mean().item() if run.rank == 0 else None
+        part("voc_map", voc_map)
     if run.rank == 0:
-        if run.cfg.captioning:
-            record["val_cider"] = val_cider(run, val_data)
-        if run.args.voc:
-            visual, size = run.model.visual, run.cfg.image_size
-            aps = probe.voc07(visual, run.args.voc, size, run.device, progress=False)
-            record["voc_map"] = aps.mean().item()
+        voc_sets = [s for s, _ in sets["voc"].splits.values()] if "voc" in sets else []
+        megabytes = round(sum(s.nbytes() for s in [sets["val"], *voc_sets]) / 2 ** 20, 1)
         if record.get("voc_map", -1.0) > run.best_map:
             virtex.save_checkpoint(run.out / "best.pt", {**weights, **record})
-        run.write(record)
-        tqdm.write(" | ".join(f"{k} {v:.4g}" for k, v in record.items()))
-    run.best_map = max(run.best_map, record.get("voc_map", -1.0))
+        run.best_map = max(run.best_map, record.get("voc_map", -1.0))
+        run.write({**record, "eval_seconds": seconds, "eval_cache_mb": megabytes})
+        tqdm.write(" | ".join(f"{k} {v:.4g}" for k, v in record.items())
+                   + f" | {sum(seconds.values()):.1f} s, {megabytes} MB of inputs cached")
     virtex.barrier()
     return record
 
 
-def prepare(args, rank, world, device):
+def prepare(args, rank, world, device, group=None):
     """(run, train data, val data): folders checked, vocabulary built or read, run resumed."""
     check_folders(args, rank)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tokenizer = vocabulary(args, Path(args.out), rank)
     cfg, train_data, val_data = datasets(args, tokenizer)
-    return build(args, cfg, tokenizer, device, rank, world), train_data, val_data
+    return build(args, cfg, tokenizer, device, rank, world, group), train_data, val_data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -471,14 +502,17 @@ def coco_sized_jpegs(root, images=512):
 def main(args):
     rank, world, device, cpu_group = virtex.init_processes()
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: find the fastest convolutions once
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: find the fastest kernels once
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} "
                          "processes")
+    if args.eval_every and args.eval_every % args.checkpoint_every:
+        raise SystemExit(f"error: --eval-every {args.eval_every} is not a multiple of "
+                         f"--checkpoint-every {args.checkpoint_every}")
     if args.benchmark:
         return benchmark(args, device)
     demo = args.data is None
-    run, train_data, val_data = prepare(args, rank, world, device)
+    run, train_data, val_data = prepare(args, rank, world, device, cpu_group)
     cfg = run.cfg
     stop = min(args.stop_after or cfg.iterations, cfg.iterations)
     if run.start >= stop:
@@ -510,9 +544,11 @@ def main(args):
                 stats = log_steps(run, torch.stack(history).cpu(), iteration, seconds, bar)
                 run.write({**stats, "unreadable_images": report(run, unreadable)})
                 history, unreadable, tick = [], [], time.perf_counter()
-            if checkpoint:  # saving comes first: a preempted run spends its grace period on it alone
+            if checkpoint:  # saving first: a preempted run spends its grace period on that alone
                 weights = save(run, iteration)
-                record = {} if signalled else evaluate(run, iteration, weights, val_data)
+                due = end or iteration % (args.eval_every or args.checkpoint_every) == 0
+                if due and not signalled:
+                    record = evaluate(run, iteration, weights, val_data)
                 tick = time.perf_counter()
             if end:
                 break
@@ -521,11 +557,14 @@ def main(args):
         virtex.print0(f"stopped by a signal after iteration {iteration}; rerun to resume")
     elif iteration < cfg.iterations:
         virtex.print0(f"stopped after iteration {iteration} (--stop-after); rerun without it")
-    elif demo and rank == 0:
-        torch.manual_seed(cfg.seed)
-        initial = virtex.VirTex(cfg).to(device)  # the very weights training started from
-        random_init = probe.voc07(initial.visual, args.voc, cfg.image_size, device).mean().item()
-        print(f"toy VOC07 mAP: pretrained {record['voc_map']:.1f} | random init {random_init:.1f}")
+    elif demo:
+        initial, _, _ = new_model(cfg, device)  # the very weights training started from
+        voc = run.eval_sets["voc"]
+        splits = voc.features(initial.visual, device, cfg.amp, cpu_group)
+        if rank == 0:
+            random_init = voc.evaluate(splits, device).mean().item()
+            print(f"toy VOC07 mAP: pretrained {record['voc_map']:.1f} | "
+                  f"random init {random_init:.1f}")
     if dist.is_initialized():
         dist.destroy_process_group()
 

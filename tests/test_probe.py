@@ -107,7 +107,7 @@ def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_pat
     lines = capsys.readouterr().out.strip().splitlines()
     assert sum(line.startswith("| red_circle |") for line in lines) == 1
     model, _ = virtex.load_model(checkpoint)
-    expected = probe.voc07(model.visual, voc, 32, torch.device("cpu"), workers=0, progress=False).mean()
+    expected = probe.voc07(model.visual, voc, 32, torch.device("cpu"), workers=0).mean()
     assert lines[-1] == f"mAP: {expected:.2f}"  # the protocol's number, printed last
     monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("features were extracted again"))
     run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0, "--features", tmp_path / "f.pt", "--costs", 1)
@@ -119,7 +119,7 @@ def test_backbone_stays_bit_identical_while_probing(checkpoint, toy):
     visual, size = model.visual, model.cfg.image_size
     visual.train()
     before = {k: v.clone() for k, v in visual.state_dict().items()}
-    probe.voc07(visual, toy / "voc" / "VOCdevkit" / "VOC2007", size, torch.device("cpu"), workers=0, progress=False)
+    probe.voc07(visual, toy / "voc" / "VOCdevkit" / "VOC2007", size, torch.device("cpu"), workers=0)
     probe.linear_eval(visual, toy / "imagenet", size, torch.device("cpu"), epochs=1, batch_size=64, workers=0)
     assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
 
@@ -153,10 +153,10 @@ def test_a_feature_cache_of_other_weights_is_refused(checkpoint, toy, tmp_path):
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
     model, _ = virtex.load_model(checkpoint)
     visual, size = model.visual, model.cfg.image_size
-    probe.voc_features(visual, voc, size, torch.device("cpu"), tmp_path / "f.pt", workers=0, progress=False)
+    probe.VOC07(voc, size, workers=0).cached_features(visual, torch.device("cpu"), tmp_path / "f.pt")
     other, _ = probe.load_backbone("random", "resnet18", seed=1)
     with pytest.raises(ValueError, match="f.pt: features of"):
-        probe.voc_features(other, voc, size, torch.device("cpu"), tmp_path / "f.pt", workers=0, progress=False)
+        probe.VOC07(voc, size, workers=0).cached_features(other, torch.device("cpu"), tmp_path / "f.pt")
 
 
 def test_malformed_voc_labels_are_named(toy, tmp_path):
@@ -165,3 +165,37 @@ def test_malformed_voc_labels_are_named(toy, tmp_path):
     (voc / "ImageSets" / "Main" / "red_star_test.txt").write_text("000001 yes\n")
     with pytest.raises(ValueError, match="red_star_test.txt: not VOC labels"):
         probe.read_voc(voc, "test")
+
+
+# -- evaluation shared by every rank, its inputs decoded once ---------------------------------
+
+def test_cached_inputs_give_the_features_of_fresh_decoding(checkpoint, toy, monkeypatch):
+    model, _ = virtex.load_model(checkpoint)
+    voc, cpu = toy / "voc" / "VOCdevkit" / "VOC2007", torch.device("cpu")
+    fresh = probe.VOC07(voc, 32, workers=0, cache=False).features(model.visual, cpu)
+    cached = probe.VOC07(voc, 32, workers=0, cache=True)
+    first = cached.features(model.visual, cpu)
+    monkeypatch.setattr(probe.Images, "__getitem__", lambda *_: pytest.fail("decoded again"))
+    second = cached.features(model.visual, cpu)
+    for split in ("trainval", "test"):
+        assert torch.equal(first[split][0], fresh[split][0]) and torch.equal(second[split][0], fresh[split][0])
+    assert sum(s.nbytes() for s, _ in cached.splits.values()) == 48 * 3 * 32 * 32  # uint8 images
+
+
+def test_shards_are_the_same_batches_whatever_the_number_of_processes():
+    keys = list(range(150))
+    alone = probe.shard(keys, batch_size=64)
+    dealt = [probe.shard(keys, rank, 2, batch_size=64) for rank in range(2)]
+    assert alone == [keys[:64], keys[64:128], keys[128:]] and dealt == [[keys[:64], keys[128:]], [keys[64:128]]]
+    parts = [[(b, torch.tensor(b)) for b in batches] for batches in dealt]
+    assert torch.cat([x for _, x in probe.gather(parts[0] + parts[1], None)]).tolist() == keys
+
+
+def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
+    from conftest import torchrun
+    voc = toy / "voc" / "VOCdevkit" / "VOC2007"
+    run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0)
+    alone = capsys.readouterr().out.strip().splitlines()[-1]
+    result = torchrun("probe.py", "--ckpt", checkpoint, "--voc", voc, "--workers", 0)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == alone and alone.startswith("mAP: ")

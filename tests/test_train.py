@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import probe
+import train
 import virtex
 from conftest import ROOT, TINY, run_train, torchrun, torchrun_command
 
@@ -79,7 +80,7 @@ def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, 
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 5
 
 
-def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):
+def test_torchrun_two_cpu_processes_train_resume_and_evaluate_as_one_process(toy, tmp_path):
     flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4", "--checkpoint-every", "100"]
     first = torchrun("train.py", *flags, "--stop-after", "2")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -87,6 +88,15 @@ def test_torchrun_two_cpu_processes_train_and_resume(toy, tmp_path):
     second = torchrun("train.py", *flags)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming" in second.stdout and virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
+    # The record the two ranks wrote together equals one process evaluating the same weights.
+    logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    shared = next(r for r in logged if r.get("iteration") == 4 and "val_loss" in r)
+    run, _, val_data = train.prepare(train.parse_args([str(f) for f in flags]), 0, 1, torch.device("cpu"))
+    sets = train.eval_sets(run, val_data)
+    assert train.validate(run, sets["val"]) == pytest.approx(shared["val_loss"], rel=1e-3)
+    assert train.val_cider(run, sets["val"], val_data) == pytest.approx(shared["val_cider"], abs=1e-6)
+    splits = sets["voc"].features(run.model.visual, run.device)
+    assert sets["voc"].evaluate(splits, run.device).mean().item() == pytest.approx(shared["voc_map"], abs=0.05)
 
 
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
@@ -111,3 +121,13 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
 def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path):
     result = torchrun("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--batch-size", "3")
     assert result.returncode != 0 and "error: --batch-size 3 is not divisible by the 2 processes" in result.stderr
+
+
+def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(toy, tmp_path):
+    run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "1", "--eval-every", "2")
+    assert {p.name for p in tmp_path.glob("checkpoint_*.pt")} == {f"checkpoint_{i}.pt" for i in range(1, 5)}
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    evaluated = [r for r in records if "val_loss" in r]
+    assert [r["iteration"] for r in evaluated] == [2, 4]
+    assert all(set(r["eval_seconds"]) == {"val_loss", "val_cider", "voc_map"} for r in evaluated)
+    assert evaluated[0]["eval_cache_mb"] > 0  # the inputs decoded at the first evaluation, kept
