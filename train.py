@@ -7,7 +7,9 @@
 Rerunning the same command with the same --out resumes from its last.pt, exactly.
 """
 import argparse
+import collections
 import dataclasses
+import io
 import json
 import random
 import tempfile
@@ -16,6 +18,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torchvision
+import torchvision.transforms.functional as TF
+from PIL import Image
 from tqdm import tqdm
 
 import probe
@@ -29,6 +34,7 @@ LONGER = ("iterations",)  # may change too: "train it longer" (the schedule chan
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, vocab_size=128,
            batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
            warmup=100, iterations=1000, checkpoint_every=500, out="runs/toy")
+VOCAB_CAPTIONS = 1_000_000  # captions a vocabulary is built from, at most (shards can hold 12M)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -44,7 +50,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
                                 epilog=f"Without --data (the demo), these are the defaults: {toy}")
     g = p.add_argument_group("input and output")
-    g.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/)")
+    g.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/), or "
+                   "tar shards: 'DIR/{00000..00999}.tar' or a folder of them")
+    g.add_argument("--val", help="val split: a COCO folder or shards (none: --data's, if COCO)")
     g.add_argument("--voc", help="VOCdevkit/VOC2007: probe each checkpoint, keep the best")
     g.add_argument("--vocab", help="SentencePiece model (none: build one from the train captions)")
     g.add_argument("--out", default="runs/virtex", help="output folder")
@@ -83,6 +91,8 @@ def get_args_parser():
     g.add_argument("--no-channels-last", dest="channels_last", action="store_false",
                    help="keep NCHW activations")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--decode", default="loader", choices=["loader", "device"],
+                   help="where training images are decoded and augmented")
     g = p.add_argument_group("run")
     g.add_argument("--checkpoint-every", type=whole_number, default=2000, help="save checkpoints")
     g.add_argument("--eval-every", type=whole_number, help="evaluate (none: at every checkpoint)")
@@ -103,31 +113,51 @@ def whole_number(text):
 
 
 def parse_args(argv=None):
-    """Parse; without --data the toy preset replaces the paper's defaults (flags still win)."""
+    """Parse; for the toy world (no --data, or data inside --toy-dir) the toy preset replaces the
+    paper's defaults (flags still win)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if args.benchmark:
         parser.set_defaults(iterations=20)
-    elif args.data is None:
-        parser.set_defaults(**TOY)
-    return parser.parse_args(argv)
+    elif in_toy_world(args):
+        shards = args.data is not None and virtex.is_shards(args.data)
+        parser.set_defaults(**{**TOY, "out": "runs/toy_shards" if shards else TOY["out"]})
+    args = parser.parse_args(argv)
+    if args.eval_every and args.eval_every % args.checkpoint_every:
+        parser.error(f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
+                     f"{args.checkpoint_every}")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
 # Data and vocabulary
 
+def in_toy_world(args):
+    """No --data (the demo), or data inside --toy-dir (its COCO folder, its shards)."""
+    toy = Path(args.toy_dir).resolve()
+    return args.data is None or Path(str(args.data).split("{")[0]).resolve().is_relative_to(toy)
+
+
 def check_folders(args, rank):
-    """Point the demo at the toy world (written by rank 0), and fail now on a bad folder rather
-    than at the first checkpoint hours later."""
-    for flag, folder in (("--data", args.data), ("--voc", args.voc)):
-        if folder is not None and not Path(folder).is_dir():
-            raise SystemExit(f"error: {flag} {folder} is not a folder")
-    if args.data is None:
+    """Point the demo at the toy world (written by rank 0), and fail now on bad input rather than
+    at the first checkpoint hours later. The val split is --data's, unless that is shards."""
+    if in_toy_world(args):
         toy = Path(args.toy_dir)
         if rank == 0:
             virtex.make_toy_world(toy)
         virtex.barrier()
-        args.data, args.voc = toy / "coco", args.voc or toy / "voc" / "VOCdevkit" / "VOC2007"
+        args.data, args.val = args.data or toy / "coco", args.val or toy / "coco"
+        args.voc = args.voc or toy / "voc" / "VOCdevkit" / "VOC2007"
+    shards = virtex.is_shards(args.data)
+    args.val = args.val or (None if shards else args.data)
+    for flag, folder in (("--data", args.data), ("--val", args.val), ("--voc", args.voc)):
+        if folder is not None and flag != "--voc" and virtex.is_shards(folder):
+            virtex.expand_shards(folder)  # names a missing shard
+        elif folder is not None and not Path(folder).is_dir():
+            raise SystemExit(f"error: {flag} {folder} is not a folder")
+    if shards and (args.max_images or args.task == "multilabel_classification"):
+        raise SystemExit("error: --max-images and multilabel_classification read COCO folders, "
+                         "not shards")
     if args.voc:
         probe.read_voc(args.voc, "trainval"), probe.read_voc(args.voc, "test")
 
@@ -140,8 +170,12 @@ def vocabulary(args, out, rank):
     if rank == 0 and not path.exists():
         size = args.vocab_size or virtex.Config.vocab_size
         virtex.print0(f"building a {size}-token vocabulary from the {args.data} train captions")
-        items = virtex.first_images(virtex.read_captions(args.data, "train"), args.max_images)
-        virtex.Tokenizer.train((c for _, captions in items for c in captions), out / "vocab", size)
+        if virtex.is_shards(args.data):
+            captions = virtex.shard_captions(virtex.expand_shards(args.data), VOCAB_CAPTIONS)
+        else:
+            items = virtex.first_images(virtex.read_captions(args.data, "train"), args.max_images)
+            captions = (c for _, captions in items for c in captions)
+        virtex.Tokenizer.train(captions, out / "vocab", size)
     virtex.barrier()
     tokenizer = virtex.Tokenizer(path)
     if args.vocab_size and len(tokenizer) != args.vocab_size:
@@ -150,15 +184,125 @@ def vocabulary(args, out, rank):
     return tokenizer
 
 
-def datasets(args, tokenizer):
-    """(config, train data, val data): the config takes the vocabulary's size (or, for multi-label
-    classification, the number of COCO categories + 1)."""
+def datasets(args, tokenizer, rank=0, world=1):
+    """(config, train data, val data or None): the config takes the vocabulary's size (or, for
+    multi-label classification, the number of COCO categories + 1)."""
     cfg = virtex.Config.from_dict({**vars(args), "vocab_size": len(tokenizer)})
-    train_data = virtex.CocoCaptions(args.data, "train", tokenizer, cfg)
-    val_data = virtex.CocoCaptions(args.data, "val", tokenizer, cfg, train=False)
+    captions = EncodedCaptions if args.decode == "device" else virtex.CocoCaptions
+    if virtex.is_shards(args.data):  # streamed; `captions` makes each sample
+        samples = captions(None, "train", tokenizer, cfg, items=[])
+        shards = virtex.expand_shards(args.data)
+        train_data = virtex.CaptionShards(shards, samples, cfg, rank, world)
+    else:
+        train_data = captions(args.data, "train", tokenizer, cfg)
+    val_data = None
+    if args.val and virtex.is_shards(args.val):  # indexed: every sample with an image and a caption
+        samples = [s for path in virtex.expand_shards(args.val) for s in virtex.shard_samples(path)[0]]
+        items = [(image, virtex.read_caption_lines(text)) for _, image, text in samples if image]
+        items = [(image, captions) for image, captions in items if captions]
+        val_data = virtex.CocoCaptions(None, "val", tokenizer, cfg, train=False, items=items)
+    elif args.val:
+        val_data = virtex.CocoCaptions(args.val, "val", tokenizer, cfg, train=False)
     if cfg.task == "multilabel_classification":
         cfg = dataclasses.replace(cfg, vocab_size=train_data.classes + 1)
     return cfg, train_data, val_data
+
+
+# ----------------------------------------------------------------------------------------------
+# --decode device: the loader's workers only read each JPEG's bytes and draw its augmentation
+# (from the generator the loader path draws from); the training process decodes the batch
+# (nvJPEG on a GPU) and augments it with batched tensor operations. The data path's speed then
+# depends on the accelerator, not on the number of CPU cores.
+
+NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing
+Encoded = collections.namedtuple("Encoded", "path data size jpeg")
+
+
+class EncodedCaptions(virtex.CocoCaptions):
+    """Training samples whose image is (JPEG bytes, or the pixels of another format, decoded here;
+    the drawn augmentation as 13 numbers; the path)."""
+
+    def open(self, path):  # a file, or a tar shard's member
+        data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as header:  # parses the header only
+            jpeg = header.format == "JPEG" and header.mode in ("RGB", "L")
+            return Encoded(path, data, header.size, jpeg)
+
+    def augment(self, image, augmentation):
+        if image.jpeg:
+            pixels = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
+        else:  # PNG, CMYK, 16-bit...: Pillow handles them, as in the loader path
+            pixels = TF.pil_to_tensor(virtex.load_image(io.BytesIO(image.data)))
+        jitter = augmentation.jitter or NEUTRAL
+        numbers = [*augmentation.box, augmentation.flip, *jitter, *augmentation.order]
+        return pixels, torch.tensor(numbers, dtype=torch.float64), str(image.path)
+
+
+def decode_jpegs(pixels, device):
+    """Each image on `device`, the JPEG bytes decoded there; None where they do not decode."""
+    jpegs = [p for p in pixels if p.dim() == 1]
+    try:
+        decoded = iter(decode_jpeg(jpegs, device))
+    except RuntimeError:  # a corrupt JPEG fails the whole batch: decode one by one
+        decoded = iter([decode_jpeg(p, device, or_none=True) for p in jpegs])
+    return [next(decoded) if p.dim() == 1 else p.to(device) for p in pixels]
+
+
+def decode_jpeg(data, device, or_none=False):
+    try:
+        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        if or_none:
+            return None
+        raise
+
+
+def shift_hue(x, shift):
+    """adjust_hue with a shift (in turns; (B, 1, 1, 1)) per image, through HSV as torchvision."""
+    value, channel = x.max(1, keepdim=True)  # (B, 1, H, W)
+    chroma = value - x.min(1, keepdim=True).values
+    r, g, b = x.split(1, dim=1)
+    safe = torch.where(chroma > 0, chroma, 1.0)  # grey pixels have no hue, and keep their value
+    sectors = torch.cat([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1)
+    hue = sectors.gather(1, channel) / 6 + shift  # (B, 1, H, W), in turns
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue) % 6
+    return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def jitter(x, factors, order):
+    """ColorJitter with each image's factors (B, 4) and order (B, 4), as batched operations: at each
+    of the four places every image runs every adjustment, those it did not draw there neutral."""
+    neutral, kinds = torch.tensor(NEUTRAL, device=x.device), torch.arange(4, device=x.device)
+    for place in range(4):
+        f = torch.where(order[:, place, None] == kinds, factors, neutral).T[..., None, None, None]
+        x = (f[0] * x).clamp(0, 1)  # brightness
+        mean = TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)
+        x = (f[1] * x + (1 - f[1]) * mean).clamp(0, 1)  # contrast
+        x = (f[2] * x + (1 - f[2]) * TF.rgb_to_grayscale(x)).clamp(0, 1)  # saturation
+        x = shift_hue(x, f[3])
+    return x
+
+
+def decode_on_device(batch, device, size):
+    """An EncodedCaptions batch -> (uint8 images (B, 3, size, size) on `device`, tokens, lengths,
+    unreadable): the loader path's crop + resize, flip and colour jitter, on the device."""
+    encoded, tokens, lengths, unreadable = batch
+    pixels, numbers, paths = zip(*encoded)
+    images, numbers = decode_jpegs(pixels, device), torch.stack(numbers)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if not good:
+        raise RuntimeError(f"no image of a batch decodes, e.g. {paths[0]}")
+    for i in [i for i, image in enumerate(images) if image is None]:  # replaced by another sample
+        j = good[i % len(good)]
+        images[i], numbers[i], tokens[i], lengths[i] = images[j], numbers[j], tokens[j], lengths[j]
+        unreadable = [*unreadable, f"{paths[i]}: not a JPEG that decodes"]
+    boxes = numbers[:, :4].long().tolist()
+    x = torch.stack([TF.resized_crop(image, *box, [size, size], antialias=True)
+                     for image, box in zip(images, boxes)]).float() / 255
+    numbers = numbers.to(device, torch.float32)
+    x = torch.where(numbers[:, 4, None, None, None] > 0, x.flip(-1), x)
+    x = jitter(x, numbers[:, 5:9], numbers[:, 9:].long())
+    return x.mul(255).round().to(torch.uint8), tokens, lengths, unreadable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,6 +326,7 @@ class Run:
     log: object = None  # log.jsonl, open on rank 0
     reported: set = dataclasses.field(default_factory=set)  # unreadable images named so far
     eval_sets: dict = None  # the evaluation inputs, decoded at the first evaluation
+    shards: dict = None  # from shards: {"readers": how many, "positions": {reader: where it is}}
 
     @property
     def out(self):
@@ -231,7 +376,7 @@ def build(args, cfg, tokenizer, device, rank=0, world=1, group=None):
         run.model.load_state_dict(checkpoint["model"])
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         load_scaler(run.scaler, checkpoint.get("scaler"))
-        run.start = checkpoint["iteration"]
+        run.start, run.shards = checkpoint["iteration"], checkpoint.get("shards")
         if (run.out / "best.pt").exists():
             run.best_map = virtex.load_checkpoint(run.out / "best.pt")["voc_map"]
         virtex.print0(f"resuming {last} at iteration {run.start}")
@@ -293,7 +438,7 @@ def log_steps(run, steps, iteration, seconds, bar):
 def report(run, unreadable):
     """Name each unreadable image once per run; return how many the interval met."""
     for problem in sorted(set(unreadable) - run.reported):
-        tqdm.write(f"warning: {problem} (replaced by another image)")
+        tqdm.write(f"warning: {problem} (another sample takes its place)")
     run.reported.update(unreadable)
     return len(unreadable)
 
@@ -303,8 +448,15 @@ def save(run, iteration):
     use, a third of the size. Returns the weights-only checkpoint."""
     weights = {"model": run.model.state_dict(), "iteration": iteration,
                "config": dataclasses.asdict(run.cfg), "vocab": run.tokenizer.model}
+    state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
+    if run.shards is not None:  # every rank's readers: where each will read on
+        everyone = [run.shards["positions"]]
+        if run.group is not None:
+            everyone = [None] * run.world
+            dist.all_gather_object(everyone, run.shards["positions"], group=run.group)
+        merged = {reader: place for positions in everyone for reader, place in positions.items()}
+        state["shards"] = {**run.shards, "positions": merged}
     if run.rank == 0:
-        state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
         virtex.save_checkpoint(run.out / "last.pt", {**weights, **state})
         if iteration % run.args.checkpoint_every == 0:
             virtex.save_checkpoint(run.out / f"checkpoint_{iteration}.pt", weights)
@@ -316,10 +468,12 @@ def eval_sets(run, val_data):
     (and of VOC07), decoded once and kept unless --no-eval-cache (see probe.EvalSet)."""
     if run.eval_sets is None:
         args, cfg = run.args, run.cfg
-        keys = [(i, i) for i in range(len(val_data))]  # seed = index: the same caption every time
-        batches = probe.shard(keys, run.rank, run.world)
-        run.eval_sets = {"val": probe.EvalSet(val_data, batches, cfg.workers, args.eval_cache,
-                                              virtex.collate)}
+        run.eval_sets = {}
+        if val_data is not None:
+            keys = [(i, i) for i in range(len(val_data))]  # seed = index: the same caption always
+            batches = probe.shard(keys, run.rank, run.world)
+            run.eval_sets["val"] = probe.EvalSet(val_data, batches, cfg.workers, args.eval_cache,
+                                                 virtex.collate)
         if args.voc:
             run.eval_sets["voc"] = probe.VOC07(args.voc, cfg.image_size, run.rank, run.world,
                                                cfg.workers, args.eval_cache)
@@ -331,9 +485,10 @@ def validate(run, val):
     """Teacher-forced val loss of the whole split, each rank computing its share."""
     model, device = run.model.eval(), run.device
     total = torch.zeros(2, device=device)
-    for _, (images, tokens, lengths, _) in val:
+    for _, batch in val:
+        images, tokens, lengths, _ = on_device(batch, device)
         with virtex.autocast(device, run.cfg.amp):
-            loss = model(virtex.to_input(images, device), tokens.to(device), lengths.to(device))["loss"]
+            loss = model(images, tokens, lengths)["loss"]
         n = torch.tensor(len(images), device=device)
         total += torch.stack([loss.float() * n, n])  # the batch's mean, weighted by its images
     if dist.is_initialized():
@@ -371,8 +526,9 @@ def evaluate(run, iteration, weights, val_data):
         start = time.perf_counter()
         record[name], seconds[name] = compute(), round(time.perf_counter() - start, 3)
 
-    part("val_loss", lambda: validate(run, sets["val"]))
-    if cfg.captioning:
+    if "val" in sets:
+        part("val_loss", lambda: validate(run, sets["val"]))
+    if "val" in sets and cfg.captioning:
         part("val_cider", lambda: val_cider(run, sets["val"], val_data))
     if "voc" in sets:
         def voc_map():  # every rank extracts its share; rank 0 runs the SVMs
@@ -380,8 +536,9 @@ def evaluate(run, iteration, weights, val_data):
             return sets["voc"].evaluate(splits, run.device).mean().item() if run.rank == 0 else None
         part("voc_map", voc_map)
     if run.rank == 0:
-        voc_sets = [s for s, _ in sets["voc"].splits.values()] if "voc" in sets else []
-        megabytes = round(sum(s.nbytes() for s in [sets["val"], *voc_sets]) / 2 ** 20, 1)
+        cached = [sets["val"]] if "val" in sets else []
+        cached += [s for s, _ in sets["voc"].splits.values()] if "voc" in sets else []
+        megabytes = round(sum(s.nbytes() for s in cached) / 2 ** 20, 1)
         if record.get("voc_map", -1.0) > run.best_map:
             virtex.save_checkpoint(run.out / "best.pt", {**weights, **record})
         run.best_map = max(run.best_map, record.get("voc_map", -1.0))
@@ -392,13 +549,51 @@ def evaluate(run, iteration, weights, val_data):
     return record
 
 
+def batches(data, cfg, device, start=0, stop=None, rank=0, world=1):
+    """The training batches after iteration `start` up to `stop`, this rank's slice of each."""
+    if isinstance(data, virtex.CaptionShards):  # endless: the loop stops at `stop`
+        options = dict(batch_size=None)
+    else:
+        sampler = virtex.ResumableSampler(len(data), cfg.batch_size, cfg.seed, start, stop, rank,
+                                          world)
+        options = dict(batch_sampler=sampler, collate_fn=virtex.collate)
+    return torch.utils.data.DataLoader(data, num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                                       worker_init_fn=virtex.ignore_interrupts, **options)
+
+
+def on_device(batch, device, decode="loader", size=None):
+    """(network input, tokens, lengths) on `device`, and the unreadable images met."""
+    if decode == "device":
+        batch = decode_on_device(batch, device, size)
+    images, tokens, lengths, unreadable = batch
+    return virtex.to_input(images, device), tokens.to(device), lengths.to(device), unreadable
+
+
+def compare_with_initial_weights(run, record):
+    """The demo's last line: the pretrained backbone's toy VOC07 mAP and its initial weights'."""
+    initial, _, _ = new_model(run.cfg, run.device)  # the very weights training started from
+    voc = run.eval_sets["voc"]
+    splits = voc.features(initial.visual, run.device, run.cfg.amp, run.group)
+    if run.rank == 0:
+        random_init = voc.evaluate(splits, run.device).mean().item()
+        print(f"toy VOC07 mAP: pretrained {record['voc_map']:.1f} | random init {random_init:.1f}")
+
+
 def prepare(args, rank, world, device, group=None):
     """(run, train data, val data): folders checked, vocabulary built or read, run resumed."""
     check_folders(args, rank)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tokenizer = vocabulary(args, Path(args.out), rank)
-    cfg, train_data, val_data = datasets(args, tokenizer)
-    return build(args, cfg, tokenizer, device, rank, world, group), train_data, val_data
+    cfg, train_data, val_data = datasets(args, tokenizer, rank, world)
+    run = build(args, cfg, tokenizer, device, rank, world, group)
+    readers = train_data.readers if isinstance(train_data, virtex.CaptionShards) else None
+    if run.start and readers != (run.shards or {}).get("readers"):
+        raise SystemExit(f"error: {run.out}/last.pt read other data (or shards with another number "
+                         "of processes x --workers); use another --out")
+    if readers:  # each reader goes on from where it stood
+        run.shards = run.shards or {"readers": readers, "positions": {}}
+        train_data.start, train_data.positions = run.start, run.shards["positions"]
+    return run, train_data, val_data
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +603,7 @@ def benchmark(args, device):
     vocab_size = args.vocab_size or virtex.Config.vocab_size
     cfg = virtex.Config.from_dict({**vars(args), "vocab_size": vocab_size})
     if args.benchmark == "loader":
-        return benchmark_loader(args, cfg)
+        return benchmark_loader(args, cfg, device)
     raw_model, optimizer, scaler = new_model(cfg, device)
     model = wrap_for_training(raw_model, cfg, device, distributed=False).train()
     B, T = cfg.batch_size, cfg.max_length
@@ -456,28 +651,33 @@ def timed(step, warmup, repeats, sync):
     return (time.perf_counter() - start) / repeats
 
 
-def benchmark_loader(args, cfg):
-    """Images per second out of the training DataLoader (decode, augment, tokenise, collate)."""
+def benchmark_loader(args, cfg, device):
+    """Images per second out of the training data path: the DataLoader (read, decode, augment,
+    tokenise, collate) and, with --decode device, the decoding and augmentation on `device`."""
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(args.data) if args.data else coco_sized_jpegs(Path(tmp) / "coco")
-        captions = (c for _, cs in virtex.read_captions(root, "train")[:5000] for c in cs)
+        args.data, args.val = args.data or coco_sized_jpegs(Path(tmp) / "coco"), None
         if args.vocab:
             tokenizer = virtex.Tokenizer(args.vocab)
-        else:
+        elif virtex.is_shards(args.data):
+            captions = virtex.shard_captions(virtex.expand_shards(args.data), 5000)
             tokenizer = virtex.Tokenizer.train(captions, vocab_size=128)
-        data = virtex.CocoCaptions(root, "train", tokenizer, cfg)
+        else:
+            items = virtex.read_captions(args.data, "train")[:5000]
+            tokenizer = virtex.Tokenizer.train((c for _, cs in items for c in cs), vocab_size=128)
+        _, data, _ = datasets(args, tokenizer)
         warmup = 2 * max(1, cfg.workers)  # what the workers prefetch while starting: not steady
-        sampler = virtex.ResumableSampler(len(data), cfg.batch_size, 0, 0, warmup + cfg.iterations)
-        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=cfg.workers,
-                                             collate_fn=virtex.collate)
-        batches = iter(loader)
+        loader = batches(data, cfg, device, 0, warmup + cfg.iterations)
+        images = (on_device(b[:4], device, args.decode, cfg.image_size)[0] for b in loader)
         for _ in range(warmup):
-            next(batches)
+            next(images)
+        sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
         start = time.perf_counter()
-        count = sum(len(b[0]) for b in batches)
+        count = sum(len(next(images)) for _ in range(cfg.iterations))
+        sync()
         seconds = time.perf_counter() - start
     print(f"loader: {count / seconds:.0f} img/s over {cfg.iterations} batches of {cfg.batch_size} "
-          f"({cfg.workers} workers, {cfg.image_size} px crops of {args.data or '640x480 JPEGs'})")
+          f"({cfg.workers} workers, --decode {args.decode} on {device}, {cfg.image_size} px crops "
+          f"of {args.data})")
 
 
 def coco_sized_jpegs(root, images=512):
@@ -506,9 +706,6 @@ def main(args):
     if args.batch_size % world:
         raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} "
                          "processes")
-    if args.eval_every and args.eval_every % args.checkpoint_every:
-        raise SystemExit(f"error: --eval-every {args.eval_every} is not a multiple of "
-                         f"--checkpoint-every {args.checkpoint_every}")
     if args.benchmark:
         return benchmark(args, device)
     demo = args.data is None
@@ -518,11 +715,7 @@ def main(args):
     if run.start >= stop:
         return virtex.print0(f"{run.out}/last.pt is at iteration {run.start}: nothing to do")
     model = wrap_for_training(run.model, cfg, device, distributed=dist.is_initialized())
-    sampler = virtex.ResumableSampler(len(train_data), cfg.batch_size, cfg.seed, run.start, stop,
-                                      rank, world)
-    loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=cfg.workers,
-                                         collate_fn=virtex.collate, pin_memory=device.type == "cuda",
-                                         worker_init_fn=virtex.ignore_interrupts)
+    loader = batches(train_data, cfg, device, run.start, stop, rank, world)
     if rank == 0:
         (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         run.log = open(run.out / "log.jsonl", "a")
@@ -530,9 +723,12 @@ def main(args):
     history, unreadable, tick = [], [], time.perf_counter()
     model.train()
     with virtex.preemption() as preempted:
-        for iteration, (images, tokens, lengths, skipped) in enumerate(loader, run.start + 1):
+        for iteration, batch in enumerate(loader, run.start + 1):
             torch.manual_seed(virtex.mix_seed(cfg.seed, iteration, rank))  # dropout, as the data
-            batch = virtex.to_input(images, device), tokens.to(device), lengths.to(device)
+            if run.shards is not None:
+                *batch, (reader, *position) = batch
+                run.shards["positions"][reader] = tuple(position)
+            *batch, skipped = on_device(batch, device, args.decode, cfg.image_size)
             history.append(train_step(model, run.optimizer, run.scaler, *batch, iteration - 1, cfg))
             unreadable += skipped
             bar.update()
@@ -558,13 +754,7 @@ def main(args):
     elif iteration < cfg.iterations:
         virtex.print0(f"stopped after iteration {iteration} (--stop-after); rerun without it")
     elif demo:
-        initial, _, _ = new_model(cfg, device)  # the very weights training started from
-        voc = run.eval_sets["voc"]
-        splits = voc.features(initial.visual, device, cfg.amp, cpu_group)
-        if rank == 0:
-            random_init = voc.evaluate(splits, device).mean().item()
-            print(f"toy VOC07 mAP: pretrained {record['voc_map']:.1f} | "
-                  f"random init {random_init:.1f}")
+        compare_with_initial_weights(run, record)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -8,10 +8,6 @@ Transformer decoder reads the caption left to right and a backward one right to 
 attending to the grid; the loss is the sum of their next-token cross-entropies. After
 pretraining the heads are thrown away and the ResNet is the product (probe.py judges it).
 
-Reading order = data flow: Config -> tokenizer -> COCO captions -> backbone -> textual heads ->
-VirTex (losses of every pretraining task, decoding) -> LookAhead and LR schedule -> checkpoints.
-A banner then marks what is not the method (CIDEr, official checkpoints, the toy world, ...).
-
 Deliberate differences from the official code (the README says why):
 - the flip augmentation swaps the *words* "left"/"right", not every substring ("bright" stays);
 - the LookAhead slow weights and step counter are checkpointed, so a resume is exact;
@@ -34,6 +30,7 @@ import random
 import re
 import signal
 import sys
+import tarfile
 import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -141,9 +138,8 @@ class Tokenizer:
         for piece, i in SPECIAL_PIECES.items():  # ids the model is built on: check them by piece
             found = self.sp.piece_to_id(piece)
             if found != i or not (self.sp.is_unknown(i) or self.sp.is_control(i)):
-                raise ValueError(f"{name}: {piece} is id {found}, not {i}; build it with Tokenizer.train "
-                                 "(SentencePiece: unk_id=0 bos_id=-1 eos_id=-1 control_symbols="
-                                 "[SOS],[EOS],[MASK])")
+                raise ValueError(f"{name}: {piece} is id {found}, not {i}; build it with Tokenizer.train (unk_id=0 "
+                                 "bos_id=-1 eos_id=-1 control_symbols=[SOS],[EOS],[MASK])")
 
     @classmethod
     def train(cls, captions, prefix=None, vocab_size=10_000):
@@ -169,11 +165,8 @@ class Tokenizer:
     def __len__(self):
         return len(self.sp)
 
-    def __getstate__(self):
-        return {"model": self.model}
-
-    def __setstate__(self, state):
-        self.__init__(state["model"])
+    def __reduce__(self):  # pickled as its model's bytes
+        return Tokenizer, (self.model,)
 
 # ----------------------------------------------------------------------------------------------
 # COCO Captions: ROOT/annotations/captions_{split}2017.json + ROOT/{split}2017/*.jpg
@@ -245,9 +238,10 @@ def to_input(images, device, channels_last=True):
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 def load_image(source, size=None):
-    """Any image PIL reads (greyscale, CMYK, palette, alpha, 16-bit) as 8-bit RGB. With `size`, a
-    JPEG decodes at the largest power-of-2 reduction that keeps both sides >= size (draft mode)."""
-    with Image.open(source) as image:
+    """Any image PIL reads (greyscale, CMYK, palette, alpha, 16-bit) as 8-bit RGB, from a path or
+    what has .read() (a tar member). With `size`, a JPEG decodes at the largest power-of-2
+    reduction that keeps both sides >= size (draft mode)."""
+    with Image.open(io.BytesIO(source.read()) if hasattr(source, "read") else source) as image:
         if size is not None:
             image.draft("RGB", (size, size))
         if image.mode.startswith("I"):  # 16/32-bit greyscale: keep the top 8 of 16 bits
@@ -318,14 +312,12 @@ class CocoCaptions(torch.utils.data.Dataset):
     """One image and one of its captions, as (uint8 image, [SOS] tokens [EOS]). Indexed by (image
     index, seed): the seed alone decides the caption drawn and the augmentation."""
 
-    def __init__(self, root, split, tokenizer, cfg, train=True):
+    def __init__(self, root, split, tokenizer, cfg, train=True, items=None):
         # Multi-label classification (an ablation) reads categories where the others read captions.
         self.categories = cfg.task == "multilabel_classification"
-        if self.categories:
-            self.items, self.classes = read_categories(root, split)
-        else:
-            self.items = read_captions(root, split)
-        if not (Path(root) / f"{split}2017").is_dir():
+        read = read_categories if self.categories else lambda *a: (read_captions(*a), None)
+        self.items, self.classes = read(root, split) if items is None else (items, None)  # shards'
+        if items is None and not (Path(root) / f"{split}2017").is_dir():
             raise FileNotFoundError(f"{Path(root) / f'{split}2017'}: missing (the {split} images)")
         if train:
             self.items = first_images(self.items, cfg.max_images)
@@ -342,20 +334,29 @@ class CocoCaptions(torch.utils.data.Dataset):
         skipped = []
         while True:
             path, captions = self.items[index]
-            try:  # training crops at scale 0.2 need every pixel; evaluation decodes in draft mode
-                image = load_image(path, None if self.train else self.size)
+            try:
+                image = self.open(path)
                 break
             except UNREADABLE as e:
                 skipped.append(f"{path}: {e}")
                 if len(skipped) == 100:
                     raise RuntimeError(f"100 unreadable images in a row, e.g. {skipped[0]}") from None
                 index = int(torch.randint(len(self.items), (1,), generator=generator))
+        return self.sample(image, captions, generator, skipped)
+
+    def sample(self, image, captions, generator, skipped):
+        """(view of the image, tokens of one of the captions, skipped), drawn from `generator`."""
         caption = captions[int(torch.randint(len(captions), (1,), generator=generator))]
         if not self.train:
             return eval_image(image, self.size, self.size), self.tokens(caption), skipped
         augmentation = draw_augmentation(*image.size, self.crop_scale, generator)
-        image = augment(image, augmentation, self.size)
-        return image, self.tokens(caption, augmentation.flip), skipped
+        return self.augment(image, augmentation), self.tokens(caption, augmentation.flip), skipped
+
+    def open(self, path):  # training crops at scale 0.2 need every pixel; evaluation, draft mode
+        return load_image(path, None if self.train else self.size)
+
+    def augment(self, image, augmentation):
+        return augment(image, augmentation, self.size)
 
     def tokens(self, caption, flipped=False):
         if self.categories:
@@ -365,11 +366,12 @@ class CocoCaptions(torch.utils.data.Dataset):
         return torch.tensor([SOS, *self.tokenizer.encode(text), EOS][:self.max_length])
 
 def collate(batch):
-    """Stack images; right-pad token sequences with 0 to the longest in the batch."""
+    """Stack images (or list them, if not tensors); right-pad token sequences with 0."""
     images, tokens, skipped = zip(*batch)
     lengths = torch.tensor([len(t) for t in tokens])
     padded = nn.utils.rnn.pad_sequence(tokens, batch_first=True)
-    return torch.stack(images), padded, lengths, sum(skipped, [])
+    images = torch.stack(images) if torch.is_tensor(images[0]) else list(images)
+    return images, padded, lengths, sum(skipped, [])
 
 class ResumableSampler(torch.utils.data.Sampler):
     """Endless shuffled passes over `n` images, cut into global batches of `batch_size`. Batch i
@@ -718,10 +720,9 @@ class LookAhead:
         state = dict(state)
         slow, self.counter = state.pop("slow"), state.pop("counter")
         self.optimizer.load_state_dict(state)
-        for p in self.params:  # each parameter's memory layout: a resume may flip channels_last,
-            buffers = self.optimizer.state[p]  # and fused CUDA SGD needs equal strides
-            for k, v in buffers.items():
-                buffers[k] = torch.empty_like(p).copy_(v) if v.shape == p.shape else v
+        for p in self.params:  # in each parameter's layout (a resume may flip channels_last, and
+            state = self.optimizer.state[p]  # fused CUDA SGD needs equal strides)
+            state.update({k: torch.empty_like(p).copy_(v) for k, v in state.items() if v.shape == p.shape})
         torch._foreach_copy_(self.slow, slow)
 
 def no_weight_decay(name):
@@ -988,7 +989,8 @@ def preemption():
     """SIGTERM (a scheduler's preemption) or Ctrl-C: the list it yields becomes non-empty; the
     loop finishes its step, saves and exits 0."""
     caught = []
-    previous = {s: signal.signal(s, lambda *_: caught.append(s)) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda *_: caught.append(s)) for s in signals}
     try:
         yield caught
     finally:
@@ -1000,12 +1002,170 @@ def ignore_interrupts(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 # ----------------------------------------------------------------------------------------------
+# Beyond COCO: captions streamed from tar shards as img2dataset writes them (KEY.jpg + KEY.txt;
+# other members such as KEY.json are ignored). Each (rank, loader worker) reads shards of its
+# own, in an order that is a function of (seed, epoch); where each reader stands is saved in
+# last.pt, so a resumed run reads on exactly where the interrupted one stopped.
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+
+
+def expand_braces(pattern):
+    """'a/{00000..00002}.tar' -> ['a/00000.tar', 'a/00001.tar', 'a/00002.tar'] (zero-padded)."""
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    first, last = match.groups()
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [path for i in range(int(first), int(last) + 1)
+            for path in expand_braces(f"{head}{i:0{len(first)}d}{tail}")]
+
+
+def is_shards(data):
+    """--data names tar shards (a brace pattern, a .tar, or a folder of them), not a COCO folder."""
+    data = str(data)
+    return "{" in data or data.endswith(".tar") or any(Path(data).glob("*.tar"))
+
+
+def expand_shards(data):
+    """The sorted shard paths of a brace pattern or of a folder of .tar files; all must exist."""
+    folder = Path(data).is_dir()
+    paths = sorted(Path(data).glob("*.tar") if folder else map(Path, expand_braces(str(data))))
+    missing = [p for p in paths if not p.is_file()]
+    if missing or not paths:
+        raise FileNotFoundError(f"{missing[0] if missing else data}: no such shard "
+                                f"({len(missing)} of {len(paths)} missing)")
+    return paths
+
+
+class TarMember(NamedTuple):
+    """A file inside a tar shard, read by seeking to it: what an image path is in a COCO folder."""
+    tar: Path
+    name: str
+    offset: int
+    size: int
+
+    def read(self):
+        with open(self.tar, "rb") as f:
+            f.seek(self.offset)
+            return f.read(self.size)
+
+    def __str__(self):
+        return f"{self.tar}:{self.name}"
+
+
+def shard_samples(path):
+    """([(key, image member or None, caption member or None)] in the shard's order, [problems]).
+    Only the headers are read; a damaged tar yields the samples before the damage."""
+    members, problems = {}, []
+    try:
+        with tarfile.open(path) as tar:
+            for info in filter(tarfile.TarInfo.isfile, tar):
+                folder, _, name = info.name.rpartition("/")
+                stem, _, suffix = name.partition(".")  # webdataset's key: up to the first dot
+                key = f"{path}:{folder}/{stem}" if folder else f"{path}:{stem}"
+                member = TarMember(Path(path), info.name, info.offset_data, info.size)
+                members.setdefault(key, {})[suffix.lower()] = member
+    except (tarfile.TarError, OSError) as e:
+        problems.append(f"{path}: damaged after {len(members)} samples ({e})")
+    samples = [(key, next((m[s] for s in IMAGE_SUFFIXES if s in m), None), m.get("txt"))
+               for key, m in members.items()]
+    return samples, problems
+
+
+def read_caption_lines(member):
+    """The captions of a KEY.txt: one per non-empty line (img2dataset writes one)."""
+    text = member.read().decode("utf-8", errors="replace") if member else ""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def shard_captions(shards, limit):
+    """Up to `limit` captions, from the first shards on: enough to build a vocabulary quickly."""
+    count = 0
+    for path in shards:
+        for _, _, caption in shard_samples(path)[0]:
+            for line in read_caption_lines(caption):
+                if count == limit:
+                    return
+                count += 1
+                yield line
+
+
+def permutation(n, seed):
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+class CaptionShards(torch.utils.data.IterableDataset):
+    """Endless batches of this rank's samples from tar shards, as (images, tokens, lengths,
+    unreadable, (reader, epoch, shard, sample) to resume from). Reader r = rank * W + worker (W
+    loader workers, rotated by the starting iteration so that iteration i comes from reader
+    i % W of its rank, whatever the resumes) reads its share of a permutation of the shards in
+    each epoch, each shard's samples in an order of their own; `samples` (a CocoCaptions) makes
+    each sample."""
+
+    def __init__(self, shards, samples, cfg, rank=0, world=1, start=0, positions=None):
+        self.shards, self.samples, self.cfg = shards, samples, cfg
+        self.rank, self.world, self.start, self.positions = rank, world, start, positions or {}
+        self.workers = max(1, cfg.workers)
+        self.readers = world * self.workers
+        if len(shards) < self.readers:
+            raise ValueError(f"{len(shards)} shards for {world} processes x {self.workers} loader "
+                             "workers: each reader needs shards of its own (use fewer --workers or "
+                             "more shards)")
+
+    def shards_of(self, reader, epoch):
+        """[(shard id, path)]: what `reader` reads in `epoch`."""
+        order = permutation(len(self.shards), mix_seed(self.cfg.seed, epoch))[reader::self.readers]
+        return [(i, self.shards[i]) for i in order]
+
+    def __iter__(self):
+        worker = (torch.utils.data.get_worker_info() or argparse.Namespace(id=0)).id
+        reader = self.rank * self.workers + (worker + self.start) % self.workers
+        epoch, first_shard, first_sample = self.positions.get(reader, (0, 0, 0))
+        per_rank, batch, unreadable = self.cfg.batch_size // self.world, [], []
+        while True:
+            shards = self.shards_of(reader, epoch)
+            for shard in range(first_shard, len(shards)):
+                shard_id, path = shards[shard]
+                samples, problems = shard_samples(path)
+                unreadable += problems
+                seed = mix_seed(self.cfg.seed, epoch, shard_id)
+                order = permutation(len(samples), seed)
+                for index in range(first_sample, len(order)):
+                    sample, problem = self.sample(samples[order[index]], mix_seed(seed, order[index]))
+                    if problem:
+                        unreadable.append(problem)
+                        continue
+                    batch.append(sample)
+                    if len(batch) == per_rank:
+                        images, tokens, lengths, _ = collate(batch)
+                        yield images, tokens, lengths, unreadable, (reader, epoch, shard, index + 1)
+                        batch, unreadable = [], []
+                first_sample = 0
+            first_shard, epoch = 0, epoch + 1
+
+    def sample(self, sample, seed):
+        """(a training sample, None), or (None, why not) for a sample without an image or a
+        caption, or whose image does not read."""
+        key, image, caption = sample
+        captions = read_caption_lines(caption)
+        if image is None or not captions:
+            return None, f"{key}: no {'image' if image is None else 'caption'}"
+        try:
+            opened = self.samples.open(image)
+        except UNREADABLE as e:
+            return None, f"{image}: {e}"
+        return self.samples.sample(opened, captions, torch.Generator().manual_seed(seed), []), None
+
+
+# ----------------------------------------------------------------------------------------------
 # The toy world: COCO Captions and VOC07 in miniature, written in their real layouts.
 # Captions name colours, sizes, counts and places; COCO-style categories name only the shapes;
 # the 20 VOC classes are colour+shape pairs, so a backbone must learn what the captions say.
 
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-COLORS = {"red": (215, 35, 35), "green": (35, 170, 50), "blue": (45, 75, 225), "yellow": (235, 215, 40)}
+COLORS = {"red": (215, 35, 35), "green": (35, 170, 50), "blue": (45, 75, 225),
+          "yellow": (235, 215, 40)}
 TOY_CLASSES = [f"{color}_{shape}" for shape in SHAPES for color in COLORS]
 SIZES = {"large": 0.17, "small": 0.1, "tiny": 0.045}  # radius / image size; "tiny": VOC difficult
 
@@ -1050,11 +1210,13 @@ def toy_background(rng, size):
     return image, draw
 
 def toy_scene(rng, size, kinds=None):
-    """Shapes on a noisy background: (image, [ToyObject]). `kinds`: [(color, shape)], else random."""
+    """Shapes on a noisy background: (image, [ToyObject]); `kinds` [(color, shape)] or random."""
     image, draw = toy_background(rng, size)
     if kinds is None:
-        kinds = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(rng.choice((1, 2, 2, 3, 3, 4)))]
-        kinds = [kinds[i - 1] if i and rng.random() < 0.2 else k for i, k in enumerate(kinds)]  # counts
+        count = rng.choice((1, 2, 2, 3, 3, 4))
+        kinds = [(rng.choice(list(COLORS)), rng.choice(SHAPES)) for _ in range(count)]
+        repeat = lambda i: i and rng.random() < 0.2  # some repeats, so that captions count
+        kinds = [kinds[i - 1] if repeat(i) else k for i, k in enumerate(kinds)]
     objects = []
     for color, shape in kinds:
         label = "tiny" if rng.random() < 0.05 else rng.choice(("large", "small"))
@@ -1068,7 +1230,8 @@ def toy_scene(rng, size, kinds=None):
                 if shape == "circle":
                     draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=fill)
                 else:
-                    draw.polygon(shape_outline(shape, x, y, radius, rng.uniform(-0.3, 0.3)), fill=fill)
+                    angle = rng.uniform(-0.3, 0.3)
+                    draw.polygon(shape_outline(shape, x, y, radius, angle), fill=fill)
                 break
     return image, objects
 
@@ -1084,7 +1247,8 @@ def toy_captions(rng, objects, k=5):
         size = [sizes[0]] if len(set(sizes)) == 1 else []
         return " ".join([("a", "two", "three", "four")[n - 1], *size, color, noun])
 
-    every = lambda: " and ".join(group(*key, s) for key, s in rng.sample(list(groups.items()), len(groups)))
+    shuffled = lambda: rng.sample(list(groups.items()), len(groups))
+    every = lambda: " and ".join(group(*key, sizes) for key, sizes in shuffled())
     one = lambda o: f"a {o.size} {o.color} {o.shape}"
     captions = [f"{every()}.", f"there {'is' if len(objects) == 1 else 'are'} {every()}.",
                 f"a picture of {every()} on a noisy background."]
@@ -1102,7 +1266,8 @@ def toy_captions(rng, objects, k=5):
 def write_toy_coco(root, rng, size, splits):
     """COCO Captions and instances (shape categories) for {split: images}."""
     (root / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"} for i, shape in enumerate(SHAPES)]
+    categories = [{"id": i + 1, "name": shape, "supercategory": "shape"}
+                  for i, shape in enumerate(SHAPES)]
     for split, n in splits.items():
         (root / f"{split}2017").mkdir(exist_ok=True)
         images, captions, instances = [], [], []
@@ -1112,9 +1277,11 @@ def write_toy_coco(root, rng, size, splits):
             image.save(root / f"{split}2017" / images[-1]["file_name"], quality=90)
             captions += [{"id": len(captions) + 1, "image_id": i, "caption": c}
                          for c in toy_captions(rng, objects)]
-            instances += [{"id": len(instances) + 1, "image_id": i, "category_id": SHAPES.index(o.shape) + 1,
-                           "bbox": [o.x - o.radius, o.y - o.radius, 2 * o.radius, 2 * o.radius],
-                           "area": 4 * o.radius ** 2, "iscrowd": 0, "segmentation": []} for o in objects]
+            for o in objects:
+                box = [o.x - o.radius, o.y - o.radius, 2 * o.radius, 2 * o.radius]
+                instances.append({"id": len(instances) + 1, "image_id": i, "bbox": box, "iscrowd": 0,
+                                  "category_id": SHAPES.index(o.shape) + 1, "area": box[2] * box[3],
+                                  "segmentation": []})
         annotations = root / "annotations"
         (annotations / f"captions_{split}2017.json").write_text(
             json.dumps({"images": images, "annotations": captions}))
@@ -1122,7 +1289,7 @@ def write_toy_coco(root, rng, size, splits):
             json.dumps({"images": images, "annotations": instances, "categories": categories}))
 
 def write_toy_voc(root, rng, size, images):
-    """VOCdevkit/VOC2007 with `images` trainval and `images` test images of 20 colour+shape classes."""
+    """VOCdevkit/VOC2007: `images` trainval and `images` test images, 20 colour+shape classes."""
     for d in ("JPEGImages", "ImageSets/Main"):
         (root / d).mkdir(parents=True, exist_ok=True)
     for split, first in (("trainval", 0), ("test", images)):
@@ -1147,14 +1314,33 @@ def write_toy_imagenet(root, rng, size, per_class):
                 image.save(root / split / name / f"{i:04d}.jpg", quality=90)
 
 
+def write_toy_shards(root, coco, per_shard=1_000):
+    """The COCO train split as img2dataset would shard it: KEY.jpg + KEY.txt (its captions, one
+    per line) in {00000..}.tar."""
+    root.mkdir(parents=True, exist_ok=True)
+    items = read_captions(coco, "train")
+    for first in range(0, len(items), per_shard):
+        with tarfile.open(root / f"{first // per_shard:05d}.tar", "w") as tar:
+            for i, (path, captions) in enumerate(items[first:first + per_shard], first):
+                for name, data in ((f"{i:09d}.jpg", path.read_bytes()),
+                                   (f"{i:09d}.txt", "\n".join(captions).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+
 def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
     """Write each missing part once: root/coco (COCO Captions + instances), root/voc/VOCdevkit/
-    VOC2007 (20 colour+shape classes) and root/imagenet (ImageFolder). Each part draws from a
-    generator of its own, so a part added later leaves the others as they were."""
+    VOC2007 (20 colour+shape classes), root/imagenet (ImageFolder) and root/shards (COCO's train
+    split in 10 tar shards). Each part draws from a generator of its own, so a part added later
+    leaves the others as they were."""
     root = Path(root)
-    parts = {"coco": lambda rng: write_toy_coco(root / "coco", rng, size, {"train": train, "val": val}),
-             "voc": lambda rng: write_toy_voc(root / "voc" / "VOCdevkit" / "VOC2007", rng, size, voc),
-             "imagenet": lambda rng: write_toy_imagenet(root / "imagenet", rng, size, {"train": 20, "val": 5})}
+    parts = {
+        "coco": lambda rng: write_toy_coco(root / "coco", rng, size, {"train": train, "val": val}),
+        "voc": lambda rng: write_toy_voc(root / "voc" / "VOCdevkit" / "VOC2007", rng, size, voc),
+        "imagenet": lambda rng: write_toy_imagenet(root / "imagenet", rng, size, {"train": 20, "val": 5}),
+        "shards": lambda _: write_toy_shards(root / "shards", root / "coco", max(1, train // 10)),
+    }
     for name, write in parts.items():
         done = root / name / "complete"
         if not done.exists():
@@ -1199,7 +1385,8 @@ def draw_attention(image, words, maps, path, cell=160, per_row=6):
         heat = (255 * grid / grid.max()).byte()  # (h, w)
         mask = Image.frombytes("L", heat.shape[::-1], bytes(heat.flatten().tolist()))
         mask = mask.resize((cell, cell), Image.BILINEAR)
-        panels.append((Image.blend(image, Image.merge("RGB", [mask.point(f) for f in hot]), 0.6), word))
+        heatmap = Image.merge("RGB", [mask.point(f) for f in hot])
+        panels.append((Image.blend(image, heatmap, 0.6), word))
     rows = math.ceil(len(panels) / per_row)
     sheet = Image.new("RGB", (cell * min(per_row, len(panels)), rows * (cell + 20)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -1235,7 +1422,8 @@ def caption_command(args):
         print(f"{path}: {tokenizer.decode(tokens)}")
         if args.attention:
             words = [tokenizer.sp.id_to_piece(t).replace("\u2581", "") for t in tokens]
-            draw_attention(pictures[k], words, maps[k], Path(args.attention) / f"{Path(path).stem}.png")
+            picture = Path(args.attention) / f"{Path(path).stem}.png"
+            draw_attention(pictures[k], words, maps[k], picture)
 
 def get_args_parser():
     parser = argparse.ArgumentParser(prog="virtex.py", description="Caption images with a VirTex "

@@ -93,3 +93,23 @@ def torchrun(script, *flags, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(torchrun_command(script, *flags, nproc=nproc), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def two_nodes(script, *flags):
+    """Run a script as two single-process "nodes" on 127.0.0.1 (torchrun's multi-node rendezvous,
+    gloo); returns both finished processes, node 0's first."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
+                               str(rank), "--nproc_per_node", "1", "--rdzv-backend", "static",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", str(ROOT / script), *map(str, flags)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    results = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return results

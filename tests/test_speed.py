@@ -113,3 +113,67 @@ def test_compile_wraps_the_ddp_module(cfg, tmp_path):
         assert isinstance(wrapped._orig_mod, torch.nn.parallel.DistributedDataParallel)
     finally:
         dist.destroy_process_group()
+
+
+# -- --decode device: the same samples, decoded and augmented on the device -------------------
+
+def test_shift_hue_equals_torchvision_adjust_hue():
+    import torchvision.transforms.functional as TF
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[0, :, :2] = 0.5  # grey pixels have no hue
+    shifts = torch.tensor([0.0, 0.1, -0.1, 0.5])
+    got = train.shift_hue(x, shifts.view(4, 1, 1, 1))
+    for image, shift, result in zip(x, shifts.tolist(), got):
+        torch.testing.assert_close(result, TF.adjust_hue(image, shift), atol=1e-5, rtol=0)
+
+
+def scenes_with_captions(root, n=6, size=96):
+    """A COCO train split of textured toy scenes whose captions say left or right."""
+    import json
+    import random
+    rng = random.Random(0)
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, annotations = [], []
+    for i in range(1, n + 1):
+        virtex.toy_scene(rng, size)[0].save(root / "train2017" / f"{i}.jpg", quality=95)
+        images.append({"id": i, "file_name": f"{i}.jpg"})
+        annotations.append({"id": i, "image_id": i, "caption": "a red circle left of a blue square"})
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return root
+
+
+def test_both_decode_paths_draw_the_same_samples_and_agree_in_pixels(tmp_path, tokenizer, cfg):
+    from dataclasses import replace
+    cfg = replace(cfg, crop_scale=0.2)
+    root = scenes_with_captions(tmp_path)
+    loader_path = virtex.CocoCaptions(root, "train", tokenizer, cfg)
+    device_path = train.EncodedCaptions(root, "train", tokenizer, cfg)
+    keys = [(i % 6, seed) for i, seed in enumerate(range(100, 124))]
+    expected = virtex.collate([loader_path[k] for k in keys])
+    images, tokens, lengths, _ = train.decode_on_device(virtex.collate([device_path[k] for k in keys]),
+                                                        torch.device("cpu"), cfg.image_size)
+    assert torch.equal(tokens, expected[1]) and torch.equal(lengths, expected[2])  # captions, swaps
+    flipped = sum("right of" in tokenizer.decode(row.tolist()) for row in tokens)
+    assert 0 < flipped < len(keys)  # both kinds of sample
+    difference = (images.float() - expected[0].float()).abs()
+    assert difference.mean() < 2.0 and difference.flatten(1).mean(1).max() < 4.0  # levels of 255
+
+
+def test_a_jpeg_that_does_not_decode_on_the_device_is_replaced_and_named(tmp_path, tokenizer, cfg):
+    root = scenes_with_captions(tmp_path, n=2)
+    data = train.EncodedCaptions(root, "train", tokenizer, cfg)
+    (pixels, numbers, path), tokens, skipped = data[(1, 0)]
+    broken = (torch.cat([pixels[:200], torch.zeros(100, dtype=torch.uint8)]), numbers, "broken.jpg")
+    batch = virtex.collate([data[(0, 0)], (broken, tokens, skipped)])
+    images, _, _, unreadable = train.decode_on_device(batch, torch.device("cpu"), cfg.image_size)
+    assert torch.equal(images[0], images[1]) and unreadable == ["broken.jpg: not a JPEG that decodes"]
+
+
+def test_resume_with_decoding_on_the_device_equals_an_uninterrupted_run(toy, tmp_path):
+    flags = ["--toy-dir", toy, "--decode", "device", "--iterations", "4", "--checkpoint-every", "100"]
+    run_train(tmp_path / "a", *flags)
+    run_train(tmp_path / "b", *flags, "--stop-after", "2")
+    run_train(tmp_path / "b", *flags)
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)

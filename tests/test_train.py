@@ -9,7 +9,7 @@ import torch
 import probe
 import train
 import virtex
-from conftest import ROOT, TINY, run_train, torchrun, torchrun_command
+from conftest import ROOT, TINY, run_train, torchrun, torchrun_command, two_nodes
 
 
 def run(toy, out, *flags):
@@ -80,16 +80,18 @@ def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, 
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 5
 
 
-def test_torchrun_two_cpu_processes_train_resume_and_evaluate_as_one_process(toy, tmp_path):
+def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy, tmp_path):
     flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4", "--checkpoint-every", "100"]
-    first = torchrun("train.py", *flags, "--stop-after", "2")
-    assert first.returncode == 0, first.stderr[-2000:]
+    for node in two_nodes("train.py", *flags, "--stop-after", "2"):
+        assert node.returncode == 0, node.stderr[-2000:]
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
-    second = torchrun("train.py", *flags)
-    assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming" in second.stdout and virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
+    first, second = two_nodes("train.py", *flags)
+    assert first.returncode == second.returncode == 0, (first.stderr + second.stderr)[-2000:]
+    assert "resuming" in first.stdout and "resuming" not in second.stdout  # rank 0 alone speaks
+    assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
     # The record the two ranks wrote together equals one process evaluating the same weights.
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged if "val_loss" in r] == [2, 4]  # one writer, no duplicates
     shared = next(r for r in logged if r.get("iteration") == 4 and "val_loss" in r)
     run, _, val_data = train.prepare(train.parse_args([str(f) for f in flags]), 0, 1, torch.device("cpu"))
     sets = train.eval_sets(run, val_data)
