@@ -199,3 +199,10 @@ def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
     result = torchrun("probe.py", "--ckpt", checkpoint, "--voc", voc, "--workers", 0)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == alone and alone.startswith("mAP: ")
+
+
+def test_probe_features_have_unit_norm(checkpoint, toy):
+    model, _ = virtex.load_model(checkpoint)
+    splits = probe.VOC07(toy / "voc" / "VOCdevkit" / "VOC2007", 32, workers=0).features(model.visual, torch.device("cpu"))
+    for x, _ in splits.values():
+        torch.testing.assert_close(x.norm(dim=1), torch.ones(len(x)))

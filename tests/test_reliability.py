@@ -154,3 +154,25 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
         run(coco, tmp_path, "--iterations", "6", "--checkpoint-every", "2")
     checkpoint = virtex.load_checkpoint(tmp_path / "last.pt")
     assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("column", ["grad_norm", "loss_backward"])
+def test_one_non_finite_value_in_one_column_stops_the_run_at_its_step(coco, tmp_path, monkeypatch, column):
+    """Checked once per log interval (here iterations 3-4), yet named at its own step."""
+    calls = []
+    if column == "grad_norm":
+        clip = torch.nn.utils.clip_grad_norm_
+        def inf_at_third_step(*args, **kwargs):
+            calls.append(1)
+            norm = clip(*args, **kwargs)
+            return norm * float("inf") if len(calls) == 3 else norm
+        monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", inf_at_third_step)
+    else:
+        forward = virtex.VirTex.forward
+        def nan_at_third_step(self, *args):
+            output = forward(self, *args)
+            calls.extend([1] if self.training else [])
+            return {**output, column: output[column] * float("nan")} if len(calls) == 3 else output
+        monkeypatch.setattr(virtex.VirTex, "forward", nan_at_third_step)
+    with pytest.raises(SystemExit, match="non-finite loss at iteration 3"):
+        run(coco, tmp_path, "--iterations", "6", "--checkpoint-every", "2", "--log-every", "4")

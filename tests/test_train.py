@@ -133,3 +133,50 @@ def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(to
     assert [r["iteration"] for r in evaluated] == [2, 4]
     assert all(set(r["eval_seconds"]) == {"val_loss", "val_cider", "voc_map"} for r in evaluated)
     assert evaluated[0]["eval_cache_mb"] > 0  # the inputs decoded at the first evaluation, kept
+
+
+def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, monkeypatch):
+    loaded = []
+    getitem = virtex.CocoCaptions.__getitem__
+    monkeypatch.setattr(virtex.CocoCaptions, "__getitem__",
+                        lambda self, key: loaded.extend([key[0]] if self.train else []) or getitem(self, key))
+    monkeypatch.setattr(train, "evaluate", lambda *_: {})  # alone, a rank would wait for the others
+    flags = ["--data", toy / "coco", "--iterations", "2", "--checkpoint-every", "100"]
+    run_train(tmp_path / "alone", *flags)
+    alone, ranks = list(loaded), []
+    for rank in range(2):  # each process of a two-process run, in turn
+        loaded.clear()
+        monkeypatch.setattr(virtex, "init_processes", lambda: (rank, 2, torch.device("cpu"), None))
+        run_train(tmp_path / f"rank{rank}", *flags, "--vocab", tmp_path / "alone" / "vocab.model")
+        ranks.append(list(loaded))
+    assert len(alone) == 16 and ranks == [alone[0:4] + alone[8:12], alone[4:8] + alone[12:16]]
+
+
+def test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint(toy, tmp_path, monkeypatch):
+    import itertools
+    maps = itertools.chain([50.0, 10.0], itertools.repeat(0.0))
+    monkeypatch.setattr(probe.VOC07, "evaluate", lambda self, splits, device: torch.full((20,), next(maps)))
+    run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2", "--stop-after", "2")
+    run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
+    best = virtex.load_checkpoint(tmp_path / "best.pt")
+    assert best["iteration"] == 2 and best["voc_map"] == 50.0
+
+
+def test_each_step_runs_at_the_scheduled_learning_rates(toy, tmp_path, monkeypatch):
+    import math
+    seen, step = [], virtex.LookAhead.step
+    monkeypatch.setattr(virtex.LookAhead, "step",
+                        lambda self: seen.append(sorted({g["lr"] for g in self.param_groups})) or step(self))
+    run(toy, tmp_path, "--iterations", "6", "--warmup", "2", "--lr", "0.01", "--cnn-lr", "0.1",
+        "--checkpoint-every", "100")
+    # By hand: iteration i runs after i - 1 steps: warmup 0, 1/2, then cos^2 over the 4 remaining steps.
+    factors = [0.0, 0.5, 1.0, math.cos(math.pi / 8) ** 2, 0.5, math.cos(3 * math.pi / 8) ** 2]
+    assert seen == [pytest.approx(sorted({0.01 * f, 0.1 * f})) for f in factors]
+
+
+def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
+    seeds, manual_seed = [], torch.manual_seed
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or manual_seed(seed))
+    run(toy, tmp_path, "--iterations", "3", "--checkpoint-every", "100")
+    steps = seeds[seeds.index(virtex.mix_seed(0, 1, 0)):][:3]  # the loop's, iterations 1-3 of rank 0
+    assert steps == [virtex.mix_seed(0, i, 0) for i in (1, 2, 3)] and len(set(steps)) == 3

@@ -92,6 +92,28 @@ def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
     assert seen == {True, False}
 
 
+def test_random_crops_span_the_configured_scales_and_aspects_flips_and_jitter_vary():
+    drawn = [virtex.draw_augmentation(640, 480, 0.2, torch.Generator().manual_seed(s)) for s in range(400)]
+    for a in drawn:
+        top, left, h, w = a.box
+        assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
+    areas = [a.box[2] * a.box[3] / (640 * 480) for a in drawn]
+    aspects = [a.box[3] / a.box[2] for a in drawn]
+    assert min(areas) < 0.25 and max(areas) > 0.9 and min(aspects) < 0.8 and max(aspects) > 1.25
+    assert 160 < sum(a.flip for a in drawn) < 240 and 290 < sum(bool(a.jitter) for a in drawn) < 350
+    factors = torch.tensor([a.jitter for a in drawn if a.jitter])  # brightness, contrast, saturation, hue
+    assert (factors[:, :3].min(0).values < 0.65).all() and (factors[:, :3].max(0).values > 1.35).all()
+    assert factors[:, 3].min() < -0.09 and factors[:, 3].max() > 0.09
+    assert len({a.order for a in drawn if a.jitter}) == 24  # every order of the four adjustments
+
+
+def test_the_network_input_is_the_imagenet_normalised_image():
+    import torchvision.transforms.functional as TF
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    expected = TF.normalize(images.float() / 255, virtex.MEAN, virtex.STD)
+    torch.testing.assert_close(virtex.to_input(images, torch.device("cpu")), expected)
+
+
 def test_dataset_groups_captions_and_pads_batches(coco, tokenizer, cfg):
     data = virtex.CocoCaptions(coco, "train", tokenizer, cfg)
     assert len(data) == 12 and all(len(caps) == 3 for _, caps in data.items)
@@ -127,6 +149,7 @@ def test_stream_shards_every_global_batch_disjointly_and_resumes():
     first_pass = [index for batch in full[:2] for index, _ in batch] + [index for index, _ in full[2][:2]]
     assert sorted(first_pass) == list(range(10))  # one full pass before any image repeats
     assert list(virtex.ResumableSampler(10, 4, seed=1, start=0, stop=6)) != full
+    assert len({seed for batch in full for _, seed in batch}) == 24  # every sample draws on its own
 
 
 def test_missing_annotation_file_is_named(tmp_path, tokenizer, cfg):
@@ -154,6 +177,16 @@ def test_reversed_captions_start_with_eos_and_keep_padding():
     tokens = captions([5, 6, 7], [8])
     reversed_ = virtex.reverse_captions(tokens, virtex.lengths_of(tokens))
     assert reversed_.tolist() == [[2, 7, 6, 5, 1], [2, 8, 1, 0, 0]]
+
+
+def test_backward_loss_is_the_cross_entropy_of_the_reversed_caption(model):
+    model.eval()
+    images, tokens = torch.randn(2, 3, 64, 64), captions([5, 6, 7], [8])
+    memory = model.textual.project(model.visual(images))
+    reversed_ = torch.tensor([[virtex.EOS, 7, 6, 5, virtex.SOS], [virtex.EOS, 8, virtex.SOS, 0, 0]])  # by hand
+    logits = model.backward_textual.output(model.backward_textual(memory, reversed_[:, :-1]))
+    expected = nn.functional.cross_entropy(logits.flatten(0, 1), reversed_[:, 1:].flatten(), ignore_index=0)
+    torch.testing.assert_close(model(images, tokens)["loss_backward"], expected)
 
 
 def test_backward_head_shares_all_but_its_decoder(model):
@@ -260,17 +293,18 @@ def test_nucleus_sampling_with_tiny_p_is_greedy(model):
 
 # -- optimisation ------------------------------------------------------------------------------
 
-def test_lookahead_equals_hand_computation():
+@pytest.mark.parametrize("k, alpha", [(2, 0.5), (3, 0.25)])
+def test_lookahead_equals_hand_computation(k, alpha):
     w = nn.Parameter(torch.tensor([1.0, -2.0]))
-    opt = virtex.LookAhead(torch.optim.SGD([w], lr=0.1), k=2, alpha=0.5)
+    opt = virtex.LookAhead(torch.optim.SGD([w], lr=0.1), k=k, alpha=alpha)
     expected, slow = torch.tensor([1.0, -2.0]), torch.tensor([1.0, -2.0])
-    for step in range(1, 7):
+    for step in range(1, 8):
         w.grad = torch.tensor([0.5, 1.0]) * step
         opt.step()
         expected = expected - 0.1 * torch.tensor([0.5, 1.0]) * step
-        if step % 2 == 0:
-            expected = slow = 0.5 * expected + 0.5 * slow
-        assert torch.equal(w.detach(), expected), step
+        if step % k == 0:
+            expected = slow = alpha * expected + (1 - alpha) * slow
+        torch.testing.assert_close(w.detach(), expected, rtol=0, atol=1e-7)
 
 
 def run_lookahead(steps, resume_at=None):
