@@ -3,22 +3,31 @@
     python probe.py --ckpt runs/toy/last.pt                     # VOC07 SVMs on the toy VOC
     python probe.py --ckpt CKPT --voc datasets/VOC2007          # the paper's number (88.7 mAP)
     python probe.py --init random --voc datasets/VOC2007        # the floor
-    python probe.py --ckpt CKPT --imagenet datasets/imagenet    # linear evaluation, top-1
+    torchrun --nproc_per_node=8 probe.py --ckpt CKPT --imagenet datasets/imagenet --out DIR
+    torchrun --nproc_per_node=8 probe.py --ckpt CKPT --inaturalist datasets/inaturalist --finetune
 
 VOC07: frozen backbone, global-average-pooled layer4 features, L2-normalised; per class a
 linear SVM with its cost picked by 3-fold cross-validated AP on trainval; AP on test.
+Classification: a linear layer on the frozen backbone (the ImageNet recipe), or with --finetune
+the whole network (the iNaturalist 2018 recipe), on either dataset; top-1 and top-5 on val.
+Rerunning the same command with the same --out resumes from its last.pt, exactly.
 """
 import argparse
+import dataclasses
 import functools
 import importlib.util
+import json
 import math
 import multiprocessing
+import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
 from tqdm import tqdm
 
 import virtex
@@ -364,47 +373,310 @@ def voc07(visual, root, image_size, device, amp="bf16", workers=2):
 
 
 # ----------------------------------------------------------------------------------------------
-# ImageNet-style linear evaluation (paper appendix): a linear layer on frozen pooled features
+# Classification (paper appendix): a linear layer on the frozen backbone (ImageNet) or the whole
+# network fine-tuned (iNaturalist 2018); under torchrun or in one process, resumable exactly
 
-def linear_eval(visual, root, image_size, device, epochs=100, batch_size=256, lr=0.3, workers=4):
-    """Top-1 (percent) on ROOT/val of a linear classifier trained on ROOT/train (ImageFolder
-    layout) over the frozen backbone, BN in eval mode: SGD momentum 0.9, no weight decay,
-    cosine decay from `lr`, random resized crops of scale 0.08-1 and flips."""
-    import torchvision
-    from torchvision import transforms as T
-    augment = T.Compose([T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
-                         T.RandomHorizontalFlip(), T.PILToTensor()])
-    resize = round(image_size * 256 / 224)
-    view = functools.partial(virtex.eval_image, resize=resize, size=image_size)
-    train = torchvision.datasets.ImageFolder(Path(root) / "train", augment)
-    val = torchvision.datasets.ImageFolder(Path(root) / "val", view)
-    loader = torch.utils.data.DataLoader(train, batch_size, shuffle=True, num_workers=workers,
-                                         drop_last=len(train) > batch_size)
-    training = visual.training
-    visual.eval()  # frozen, BatchNorm statistics included
-    head = torch.nn.Linear(visual.channels, len(train.classes)).to(device)
-    torch.nn.init.normal_(head.weight, std=0.01)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.SGD(head.parameters(), lr, momentum=0.9, weight_decay=0)
-    total, step = epochs * len(loader), 0
-    for _ in tqdm(range(epochs), desc="linear eval", dynamic_ncols=True):
-        for images, labels in loader:
-            for group in optimizer.param_groups:
-                group["lr"] = lr * virtex.lr_multiplier(step, 0, total)  # cosine, no warmup
-            with torch.no_grad():
-                x = features(visual, images, device)
-            loss = F.cross_entropy(head(x), labels.to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            step += 1
-    correct = 0
-    with torch.no_grad():
-        for images, labels in torch.utils.data.DataLoader(val, batch_size, num_workers=workers):
-            predicted = head(features(visual, images, device)).argmax(1).cpu()
-            correct += (predicted == labels).sum().item()
-    visual.train(training)
-    return 100 * correct / len(val)
+# The official recipes (configs/downstream/{imagenet,inaturalist}_clf.yaml): SGD with momentum
+# 0.9, global batch 256, 100 epochs, no warmup; cos^2 decay and fp32 ("AMP: false") for linear
+# evaluation, a step decay and mixed precision (bf16 here, as in pretraining) for fine-tuning.
+RECIPES = {"linear": dict(lr=0.3, weight_decay=0.0, amp="off"),
+           "finetune": dict(lr=0.025, weight_decay=1e-4, amp="bf16")}
+MILESTONES = (0.7, 0.9)  # x0.1 at epochs 70 and 90 of 100 (iterations 119,700, 153,900 of 171,000)
+RUNTIME = ("amp", "workers", "stop_after")  # may change when a run resumes
+
+
+class Splits(NamedTuple):
+    train: list  # [(image path, label)]
+    val: list
+    classes: list  # names; a label indexes them
+
+
+def read_image_folder(root, split):
+    """([(path, label)], class names) of ROOT/split/<class>/*, as torchvision's ImageFolder."""
+    folder = Path(root) / split
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: missing (an ImageFolder root holds train/ and val/)")
+    data = torchvision.datasets.ImageFolder(folder)  # lists the files, opens none
+    return [(Path(path), label) for path, label in data.samples], data.classes
+
+
+def read_inaturalist(root, split):
+    """([(path, label)], class names) from ROOT/annotations/{split}2018.json as the official reads
+    it: COCO-style images (file_name relative to ROOT) and annotations (image_id, category_id);
+    the category id is the label (0..8141 in iNaturalist 2018)."""
+    root = Path(root)
+    path = root / "annotations" / f"{split}2018.json"
+    data = virtex.read_json(path, f"iNaturalist 2018 {split} annotations")
+    try:
+        files = {image["id"]: root / image["file_name"] for image in data["images"]}
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        labels = [(a["image_id"], a["category_id"]) for a in data["annotations"]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not COCO-style images, annotations and categories "
+                         f"({type(e).__name__}: {e})") from None
+    if not all(isinstance(i, int) and i >= 0 for i in names):
+        raise ValueError(f"{path}: category ids are not whole numbers (they are the labels)")
+    unknown = [i for i, c in labels if i not in files or c not in names]
+    if unknown:
+        raise ValueError(f"{path}: an annotation of image {unknown[0]} names an image or category "
+                         "that is not listed")
+    if not labels:
+        raise ValueError(f"{path}: no annotations")
+    first = files[labels[0][0]]
+    if not first.is_file():
+        raise FileNotFoundError(f"{first}: missing (file_name in {path} is relative to {root})")
+    return [(files[i], c) for i, c in labels], [names.get(i, "") for i in range(max(names) + 1)]
+
+
+def read_splits(root, inaturalist=False):
+    read = read_inaturalist if inaturalist else read_image_folder
+    (train, classes), (val, val_classes) = read(root, "train"), read(root, "val")
+    if val_classes != classes:
+        raise ValueError(f"{root}: val has other classes than train ({len(val_classes)} vs "
+                         f"{len(classes)})")
+    return Splits(train, val, classes)
+
+
+class TrainViews(torch.utils.data.Dataset):
+    """(uint8 image, label) for a key (index, seed): a random resized crop of scale 0.08-1 and a
+    flip, drawn from the seed alone; no colour jitter, as in the official downstream transforms."""
+
+    def __init__(self, items, size):
+        self.items, self.size = items, size
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, seed = key
+        path, label = self.items[index]
+        image = virtex.load_image(path)  # crops of 8% of the image need every pixel
+        drawn = virtex.draw_augmentation(*image.size, 0.08, torch.Generator().manual_seed(seed))
+        return virtex.augment(image, drawn._replace(jitter=()), self.size), label
+
+
+class Classifier(torch.nn.Module):
+    """The backbone's pooled layer4 into a linear layer (the official `cnn.fc`): N(0, 0.01), 0."""
+
+    def __init__(self, visual, classes):
+        super().__init__()
+        self.visual, self.fc = visual, torch.nn.Linear(visual.channels, classes)
+        torch.nn.init.normal_(self.fc.weight, std=0.01)
+        torch.nn.init.zeros_(self.fc.bias)
+
+    def forward(self, images):  # (B, 3, S, S) -> (B, classes)
+        return self.fc(virtex.pooled(self.visual(images)))
+
+
+@dataclasses.dataclass
+class Recipe:
+    """A classification run's settings; None takes the official recipe's value (RECIPES)."""
+    finetune: bool = False  # train the whole network, not a linear layer on frozen features
+    epochs: int = 100
+    batch_size: int = 256  # global
+    lr: float = None
+    weight_decay: float = None
+    amp: str = None
+    seed: int = 0  # of the head, data order and augmentation
+    workers: int = 2  # loader processes per GPU
+    stop_after: int = None  # iterations: stop there, as if preempted
+
+    def __post_init__(self):
+        for key, value in RECIPES["finetune" if self.finetune else "linear"].items():
+            setattr(self, key, value if getattr(self, key) is None else getattr(self, key))
+
+
+def lr_factor(step, total, finetune):
+    """LR factor after `step` of `total` optimizer steps (the official schedulers step after the
+    optimizer): linear evaluation decays by cos^2 to 0, fine-tuning x0.1 at each milestone."""
+    if finetune:
+        return 0.1 ** sum(step >= round(m * total) for m in MILESTONES)
+    return virtex.lr_multiplier(step, 0, total)
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop, the checkpoints and the evaluations of one classification run share."""
+    recipe: Recipe
+    settings: dict  # what a resumed run must share with the run it resumes
+    model: Classifier  # the plain module
+    trained: torch.nn.Module  # what learns and last.pt holds: model.fc, or model when fine-tuning
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    out: Path
+    processes: tuple  # (rank, world, device, cpu_group) of virtex.init_processes
+    start: int = 0  # iterations done before this process started
+    top: tuple = None  # (top-1, top-5) of the last evaluation
+    evaluated: int = -1  # the iteration it followed
+
+
+def start_run(visual, splits, image_size, out, recipe, processes):
+    """The model (the same head in every process and every rerun) and its optimizer, resumed from
+    OUT/last.pt if it exists; a last.pt of other settings or another backbone is refused."""
+    device = processes[2]
+    torch.manual_seed(recipe.seed)
+    model = Classifier(visual, len(splits.classes)).to(device)
+    trained = model if recipe.finetune else model.fc
+    optimizer = torch.optim.SGD(trained.parameters(), recipe.lr, momentum=0.9,
+                                weight_decay=recipe.weight_decay)
+    fp16 = device.type == "cuda" and recipe.amp == "fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    tensors = visual.state_dict().values()
+    backbone = sum(p.double().sum().item() for p in tensors if p.is_floating_point())
+    settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in RUNTIME}
+    settings.update(image_size=image_size, classes=len(splits.classes), images=len(splits.train),
+                    backbone=round(backbone, 6))
+    run = Run(recipe, settings, model, trained, optimizer, scaler, Path(out), processes)
+    last = run.out / "last.pt"
+    if last.exists():
+        checkpoint = virtex.load_checkpoint(last)
+        if not {"weights", "optimizer", "scaler", "iteration", "settings"} <= checkpoint.keys():
+            raise ValueError(f"{last}: not a probe.py checkpoint; use another --out")
+        changed = [k for k, v in settings.items() if checkpoint["settings"].get(k) != v]
+        if changed:
+            raise ValueError(f"{last}: made with other settings or another backbone "
+                             f"({', '.join(changed)}); use another --out")
+        trained.load_state_dict(checkpoint["weights"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        run.start = checkpoint["iteration"]
+        virtex.print0(f"resuming {last} at iteration {run.start}")
+    return run
+
+
+def train_step(run, net, images, labels, step, total):
+    """One iteration after `step` optimizer steps: its loss as a tensor, no sync."""
+    recipe, device = run.recipe, run.processes[2]
+    for group in run.optimizer.param_groups:
+        group["lr"] = recipe.lr * lr_factor(step, total, recipe.finetune)
+    with virtex.autocast(device, recipe.amp):
+        logits = net(virtex.to_input(images, device))
+    loss = F.cross_entropy(logits.float(), labels.to(device, non_blocking=True))
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)  # fp16: a step with inf/nan gradients is skipped
+    run.scaler.update()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(run, val, image_size):
+    """(top-1, top-5) in percent on `val`, sharded across processes, the network in eval mode."""
+    rank, world, device, _ = run.processes
+    shard = val[rank::world]
+    labels = torch.tensor([label for _, label in shard])
+    images = Images([path for path, _ in shard], image_size)
+    loader = torch.utils.data.DataLoader(images, run.recipe.batch_size // world,
+                                         num_workers=run.recipe.workers)
+    run.model.eval()
+    counts, seen = torch.zeros(3, device=device), 0  # top-1 hits, top-5 hits, images
+    for batch in loader:
+        with virtex.autocast(device, run.recipe.amp):
+            logits = run.model(virtex.to_input(batch, device))
+        best = logits.topk(min(5, logits.shape[1])).indices.cpu()  # (B, 5)
+        hits = best == labels[seen:seen + len(batch), None]
+        counts += torch.tensor([hits[:, 0].sum(), hits.any(1).sum(), len(batch)], device=device)
+        seen += len(batch)
+    if dist.is_initialized():
+        dist.all_reduce(counts)
+    run.trained.train()
+    return tuple((100 * counts[:2] / counts[2]).tolist())
+
+
+def save(run, iteration):
+    if run.processes[0] == 0:
+        virtex.save_checkpoint(run.out / "last.pt", {
+            "weights": run.trained.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "iteration": iteration, "settings": run.settings})
+
+
+def log_epoch(run, epoch, iteration, losses, seconds, bar):
+    """The epoch's record (mean loss over processes, LR, img/s, val top-1 and top-5) into
+    OUT/log.jsonl and the progress bar."""
+    recipe, world = run.recipe, run.processes[1]
+    loss = torch.stack(losses).mean()
+    if dist.is_initialized():
+        dist.all_reduce(loss)
+    record = {"epoch": epoch, "iteration": iteration,
+              "loss": loss.item() / world, "lr": run.optimizer.param_groups[0]["lr"],
+              "img_per_s": recipe.batch_size * len(losses) / seconds,
+              "top1": run.top[0], "top5": run.top[1]}
+    bar.set_postfix(loss=f"{record['loss']:.3g}", lr=f"{record['lr']:.3g}",
+                    img_s=f"{record['img_per_s']:.3g}", top1=f"{run.top[0]:.2f}")
+    if run.processes[0] == 0:
+        with open(run.out / "log.jsonl", "a") as log:
+            log.write(json.dumps(record) + "\n")
+
+
+def train_epochs(run, data, val, image_size, total):
+    """Iterations from run.start + 1 to `total`, --stop-after or a signal, evaluating at the end
+    of each epoch and saving OUT/last.pt then and when stopping. True when it reached `total`."""
+    recipe, (rank, world, device, cpu_group) = run.recipe, run.processes
+    stop = min(recipe.stop_after or total, total)
+    net = run.model
+    if dist.is_initialized():  # only what has gradients is synchronised: the head when frozen
+        ids = [device] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(run.model, ids, static_graph=True,
+                                                        gradient_as_bucket_view=True)
+    sampler = virtex.ResumableSampler(len(data), recipe.batch_size, recipe.seed, run.start, stop,
+                                      rank, world)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=recipe.workers,
+                                         pin_memory=device.type == "cuda",
+                                         worker_init_fn=virtex.ignore_interrupts)
+    desc = "fine-tuning" if recipe.finetune else "linear evaluation"
+    bar = tqdm(total=total, initial=run.start, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    per_epoch, losses, tick = total // recipe.epochs, [], time.perf_counter()
+    iteration, signalled = run.start, False
+    with virtex.preemption() as preempted:
+        for iteration, (images, labels) in enumerate(loader, run.start + 1):
+            losses.append(train_step(run, net, images, labels, iteration - 1, total))
+            bar.update()
+            signalled = virtex.any_rank(preempted, cpu_group)
+            epoch_end = iteration % per_epoch == 0
+            if epoch_end and not signalled:  # a preempted run spends its grace period saving
+                seconds = time.perf_counter() - tick
+                run.top, run.evaluated = evaluate(run, val, image_size), iteration
+                log_epoch(run, iteration // per_epoch, iteration, losses, seconds, bar)
+                losses, tick = [], time.perf_counter()
+            if epoch_end or signalled or iteration == stop:
+                save(run, iteration)
+            if signalled or iteration == stop:
+                break
+    bar.close()
+    if signalled:
+        virtex.print0(f"stopped by a signal after iteration {iteration}; rerun to resume")
+    elif iteration < total:
+        virtex.print0(f"stopped after iteration {iteration} (--stop-after); rerun without it")
+    return iteration == total and not signalled
+
+
+def classify(visual, splits, image_size, out, recipe, processes):
+    """(top-1, top-5) in percent on splits.val after training on splits.train: a linear layer on
+    the frozen backbone (eval mode: BatchNorm statistics stay), or with recipe.finetune the whole
+    network (`visual` in place, BatchNorm per process in training mode, as the official). Resumes
+    from OUT/last.pt; None when stopped early (--stop-after, a signal)."""
+    rank, world, _, _ = processes
+    if recipe.batch_size % world:
+        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by the {world} "
+                         "processes")
+    if rank == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    mode, grads = visual.training, [p.requires_grad for p in visual.parameters()]
+    visual.train(recipe.finetune).requires_grad_(recipe.finetune)  # frozen: autograd stays out
+    try:
+        run = start_run(visual, splits, image_size, out, recipe, processes)
+        data = TrainViews(splits.train, image_size)
+        # Epochs of whole batches, as the official: 5,005 iterations on ImageNet, 1,710 on iNat.
+        total = recipe.epochs * math.ceil(len(data) / recipe.batch_size)
+        if run.start >= total:
+            virtex.print0(f"{run.out}/last.pt is at iteration {run.start}: nothing to train")
+        elif not train_epochs(run, data, splits.val, image_size, total):
+            return None
+        return run.top if run.evaluated == total else evaluate(run, splits.val, image_size)
+    finally:
+        visual.train(mode)
+        for p, g in zip(visual.parameters(), grads):
+            p.requires_grad_(g)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,13 +763,22 @@ def get_args_parser():
     g.add_argument("--costs", type=float, nargs="+", default=list(COSTS), help="SVM costs C")
     g.add_argument("--folds", type=int, default=3, help="cross-validation folds")
     g.add_argument("--plot", help="PNG of mAP against pretraining images (several --ckpt)")
-    g = p.add_argument_group("linear evaluation")
-    g.add_argument("--imagenet", help="ImageFolder root (train/, val/): top-1 instead of VOC07")
+    g = p.add_argument_group("classification: top-1 instead of VOC07 (torchrun: one process a GPU)")
+    data = g.add_mutually_exclusive_group()
+    data.add_argument("--imagenet", help="ImageFolder root (train/<class>/*, val/<class>/*)")
+    data.add_argument("--inaturalist", help="iNaturalist 2018 root (annotations/*2018.json)")
+    g.add_argument("--finetune", action="store_true", help="train the whole network (iNaturalist "
+                   "recipe), not a linear layer on the frozen backbone (ImageNet recipe)")
+    g.add_argument("--out", default="runs/probe", help="last.pt and log.jsonl; rerun to resume")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, default=256, help="global batch")
-    g.add_argument("--lr", type=float, default=0.3, help="peak LR (cosine decay)")
+    g.add_argument("--lr", type=float, help="(none: 0.3, or 0.025 with --finetune)")
+    g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="autocast (none: off, or bf16 "
+                   "with --finetune, as the official's fp32 and AMP)")
+    g.add_argument("--seed", type=int, default=0, help="of the head, data order, augmentation")
+    g.add_argument("--stop-after", type=int, help="stop at this iteration, as if preempted")
     g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=2, help="loader processes")
+    g.add_argument("--workers", type=int, default=2, help="loader processes (per GPU)")
     g.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn")
     g.add_argument("--quick", action="store_true", help="with --benchmark: a small problem")
     return p
@@ -520,14 +801,19 @@ def backbones(args):
 def main(args):
     if args.benchmark:
         return benchmark(args.quick)
-    rank, world, device, group = virtex.init_processes()
+    rank, world, device, group = processes = virtex.init_processes()
     found = backbones(args)
-    if args.imagenet:
-        for name, visual, size, _ in found:
-            top1 = linear_eval(visual.to(device), args.imagenet, size, device, args.epochs,
-                               args.batch_size, args.lr, args.workers)
-            print(f"{name}: top-1 {top1:.2f}")
-        return
+    if args.imagenet or args.inaturalist:
+        classification(args, found, processes)
+    else:
+        voc07_table(args, found, processes)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def voc07_table(args, found, processes):
+    """--voc (or the toy VOC): every backbone's per-class APs, a table of them, the mAP last."""
+    rank, world, device, group = processes
     if args.voc is None:
         if rank == 0:
             virtex.make_toy_world(args.toy_dir)
@@ -552,8 +838,6 @@ def main(args):
             print(f"{name}: VOC07 mAP {results[-1][2].mean():.2f} ({seconds:.0f} s)")
     if rank == 0:
         report(results, voc.classes, args.plot)
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def report(results, classes, plot_to=None):
@@ -567,6 +851,31 @@ def report(results, classes, plot_to=None):
     if len(results) == 1:
         return print(f"mAP: {results[0][2].mean():.2f}")
     print("mAP: " + " | ".join(f"{name} {aps.mean():.2f}" for name, _, aps in results))
+
+
+def classification(args, found, processes):
+    """--imagenet or --inaturalist: train and test every backbone (each in OUT/<its name> when
+    there are several); a table of them, and the top-1 last."""
+    if processes[2].type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolutions
+    splits = read_splits(args.imagenet or args.inaturalist, args.inaturalist is not None)
+    recipe = Recipe(args.finetune, args.epochs, args.batch_size, args.lr, amp=args.amp,
+                    seed=args.seed, workers=args.workers, stop_after=args.stop_after)
+    results = []
+    for name, visual, size, _ in found:
+        out = Path(args.out) / (re.sub(r"[^\w.-]+", "_", name) if len(found) > 1 else "")
+        top = classify(visual, splits, size, out, recipe, processes)
+        if top is not None:
+            results.append((name, *top))
+            virtex.print0(f"{name}: top-1 {top[0]:.2f}, top-5 {top[1]:.2f}")
+    if len(results) > 1:
+        virtex.print0("\n| backbone | top-1 | top-5 |\n|---|---|---|")
+        for name, top1, top5 in results:
+            virtex.print0(f"| {Path(name).parent.name or name} | {top1:.2f} | {top5:.2f} |")
+    if len(results) == 1:
+        virtex.print0(f"top-1: {results[0][1]:.2f}")
+    elif results:
+        virtex.print0("top-1: " + " | ".join(f"{name} {top1:.2f}" for name, top1, _ in results))
 
 
 def plot(results, path, width=640, height=420):

@@ -1159,7 +1159,7 @@ class CaptionShards(torch.utils.data.IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# The toy world: COCO Captions and VOC07 in miniature, written in their real layouts.
+# The toy world: COCO Captions, VOC07, ImageNet and iNaturalist in miniature, in their real layouts.
 # Captions name colours, sizes, counts and places; COCO-style categories name only the shapes;
 # the 20 VOC classes are colour+shape pairs, so a backbone must learn what the captions say.
 
@@ -1313,6 +1313,30 @@ def write_toy_imagenet(root, rng, size, per_class):
                 image, _ = toy_scene(rng, size, kinds=[tuple(name.split("_"))])
                 image.save(root / split / name / f"{i:04d}.jpg", quality=90)
 
+def write_toy_inaturalist(root, rng, size, per_class):
+    """iNaturalist 2018 in miniature: annotations/{split}2018.json (COCO-style images with
+    file_name relative to root, annotations, categories with ids 0..19) and the images of both
+    splits in train_val2018/<supercategory>/<category id>/<image id>.jpg, as in the real one;
+    one-shape images of the 20 VOC classes, each shape a supercategory."""
+    categories = [{"id": i, "name": name, "supercategory": name.split("_")[1].title()}
+                  for i, name in enumerate(TOY_CLASSES)]
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    image_id = 0
+    for split, n in per_class.items():
+        images, annotations = [], []
+        for c in categories:
+            folder = Path("train_val2018") / c["supercategory"] / str(c["id"])
+            (root / folder).mkdir(parents=True, exist_ok=True)
+            for _ in range(n):
+                image, _ = toy_scene(rng, size, kinds=[tuple(c["name"].split("_"))])
+                image.save(root / folder / f"{image_id}.jpg", quality=90)
+                images.append({"id": image_id, "file_name": f"{folder.as_posix()}/{image_id}.jpg",
+                               "width": size, "height": size})
+                annotations.append({"id": image_id, "image_id": image_id, "category_id": c["id"]})
+                image_id += 1
+        data = {"images": images, "annotations": annotations, "categories": categories}
+        (root / "annotations" / f"{split}2018.json").write_text(json.dumps(data))
+
 
 def write_toy_shards(root, coco, per_shard=1_000):
     """The COCO train split as img2dataset would shard it: KEY.jpg + KEY.txt (its captions, one
@@ -1331,14 +1355,16 @@ def write_toy_shards(root, coco, per_shard=1_000):
 
 def make_toy_world(root, size=64, train=10_000, val=500, voc=2_000, seed=0):
     """Write each missing part once: root/coco (COCO Captions + instances), root/voc/VOCdevkit/
-    VOC2007 (20 colour+shape classes), root/imagenet (ImageFolder) and root/shards (COCO's train
-    split in 10 tar shards). Each part draws from a generator of its own, so a part added later
-    leaves the others as they were."""
+    VOC2007 (20 colour+shape classes), root/imagenet (ImageFolder) and root/inaturalist (its 2018
+    layout) of the same 20 classes, and root/shards (COCO's train split in 10 tar shards). Each
+    part draws from a generator of its own, so a part added later leaves the others as they were."""
     root = Path(root)
+    per_class = {"train": 20, "val": 5}
     parts = {
         "coco": lambda rng: write_toy_coco(root / "coco", rng, size, {"train": train, "val": val}),
         "voc": lambda rng: write_toy_voc(root / "voc" / "VOCdevkit" / "VOC2007", rng, size, voc),
-        "imagenet": lambda rng: write_toy_imagenet(root / "imagenet", rng, size, {"train": 20, "val": 5}),
+        "imagenet": lambda rng: write_toy_imagenet(root / "imagenet", rng, size, per_class),
+        "inaturalist": lambda rng: write_toy_inaturalist(root / "inaturalist", rng, size, per_class),
         "shards": lambda _: write_toy_shards(root / "shards", root / "coco", max(1, train // 10)),
     }
     for name, write in parts.items():

@@ -114,13 +114,14 @@ def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_pat
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("mAP: ")
 
 
-def test_backbone_stays_bit_identical_while_probing(checkpoint, toy):
+def test_backbone_stays_bit_identical_while_probing(checkpoint, toy, tmp_path):
     model, _ = virtex.load_model(checkpoint)
     visual, size = model.visual, model.cfg.image_size
     visual.train()
     before = {k: v.clone() for k, v in visual.state_dict().items()}
     probe.voc07(visual, toy / "voc" / "VOCdevkit" / "VOC2007", size, torch.device("cpu"), workers=0)
-    probe.linear_eval(visual, toy / "imagenet", size, torch.device("cpu"), epochs=1, batch_size=64, workers=0)
+    recipe = probe.Recipe(epochs=1, batch_size=64, workers=0)
+    probe.classify(visual, probe.read_splits(toy / "imagenet"), size, tmp_path, recipe, virtex.init_processes())
     assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
 
 
