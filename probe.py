@@ -69,6 +69,12 @@ class Images(torch.utils.data.Dataset):
         return virtex.eval_image(image, self.resize, self.size)
 
 
+def checksum(module):
+    """A number that tells one set of weights from another (what a cache or last.pt was made of)."""
+    tensors = module.state_dict().values()
+    return round(sum(p.double().sum().item() for p in tensors if p.is_floating_point()), 6)
+
+
 def shard(keys, rank=0, world=1, batch_size=64):
     """This rank's batches of `keys`. The batches are the same whatever the number of processes
     (dealt round-robin), so a sharded evaluation computes what an unsharded one does."""
@@ -344,10 +350,8 @@ class VOC07:
     def cached_features(self, visual, device, path, amp="bf16", group=None):
         """features(), kept in the file `path` to rerun the SVMs in seconds. The file remembers
         the weights, VOC folder and image size it holds, and refuses others."""
-        tensors = visual.state_dict().values()
-        weights = sum(p.double().sum().item() for p in tensors if p.is_floating_point())
         key = {"voc": str(self.root.resolve()), "image_size": self.image_size,
-               "weights": round(weights, 6)}
+               "weights": checksum(visual)}
         if Path(path).exists():
             saved = torch.load(path, weights_only=True)
             if saved["key"] != key:
@@ -521,11 +525,9 @@ def start_run(visual, splits, image_size, out, recipe, processes):
                                 weight_decay=recipe.weight_decay)
     fp16 = device.type == "cuda" and recipe.amp == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    tensors = visual.state_dict().values()
-    backbone = sum(p.double().sum().item() for p in tensors if p.is_floating_point())
     settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in RUNTIME}
     settings.update(image_size=image_size, classes=len(splits.classes), images=len(splits.train),
-                    backbone=round(backbone, 6))
+                    backbone=checksum(visual))
     run = Run(recipe, settings, model, trained, optimizer, scaler, Path(out), processes)
     last = run.out / "last.pt"
     if last.exists():
