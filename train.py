@@ -233,8 +233,9 @@ class EncodedCaptions(virtex.CocoCaptions):
             pixels = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
         else:  # PNG, CMYK, 16-bit...: Pillow handles them, as in the loader path
             pixels = TF.pil_to_tensor(virtex.load_image(io.BytesIO(image.data)))
-        jitter = augmentation.jitter or NEUTRAL
-        numbers = [*augmentation.box, augmentation.flip, *jitter, *augmentation.order]
+        jittered = bool(augmentation.jitter)  # else an order of no place (-1): none applies
+        jitter, order = (augmentation.jitter, augmentation.order) if jittered else (NEUTRAL, (-1,) * 4)
+        numbers = [*augmentation.box, augmentation.flip, *jitter, *order]
         return pixels, torch.tensor(numbers, dtype=torch.float64), str(image.path)
 
 
@@ -269,17 +270,23 @@ def shift_hue(x, shift):
     return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
+def contrast(x, f):
+    return (f * x + (1 - f) * TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+
+
+# ColorJitter's four adjustments of images x (B, 3, H, W) in [0, 1] by factors f (B, 1, 1, 1).
+ADJUSTMENTS = (lambda x, f: (f * x).clamp(0, 1), contrast,
+               lambda x, f: (f * x + (1 - f) * TF.rgb_to_grayscale(x)).clamp(0, 1), shift_hue)
+
+
 def jitter(x, factors, order):
-    """ColorJitter with each image's factors (B, 4) and order (B, 4), as batched operations: at each
-    of the four places every image runs every adjustment, those it did not draw there neutral."""
-    neutral, kinds = torch.tensor(NEUTRAL, device=x.device), torch.arange(4, device=x.device)
+    """ColorJitter with each image's factors (B, 4) and order (B, 4; -1: no jitter): at each of
+    the four places, each adjustment runs once, on the images that drew it there."""
     for place in range(4):
-        f = torch.where(order[:, place, None] == kinds, factors, neutral).T[..., None, None, None]
-        x = (f[0] * x).clamp(0, 1)  # brightness
-        mean = TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)
-        x = (f[1] * x + (1 - f[1]) * mean).clamp(0, 1)  # contrast
-        x = (f[2] * x + (1 - f[2]) * TF.rgb_to_grayscale(x)).clamp(0, 1)  # saturation
-        x = shift_hue(x, f[3])
+        for kind, adjust in enumerate(ADJUSTMENTS):
+            chosen = (order[:, place] == kind).nonzero().squeeze(1)
+            if len(chosen):
+                x[chosen] = adjust(x[chosen], factors[chosen, kind].view(-1, 1, 1, 1))
     return x
 
 
