@@ -120,9 +120,10 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == stopped
 
 
-def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path):
-    result = torchrun("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--batch-size", "3")
-    assert result.returncode != 0 and "error: --batch-size 3 is not divisible by the 2 processes" in result.stderr
+def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(virtex, "init_processes", lambda: (0, 2, torch.device("cpu"), None))
+    with pytest.raises(SystemExit, match="^error: --batch-size 3 is not divisible by the 2 processes$"):
+        run(toy, tmp_path, "--batch-size", "3")
 
 
 def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(toy, tmp_path):
