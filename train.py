@@ -30,7 +30,7 @@ LOSSES = ("loss", "loss_forward", "loss_backward")
 RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a run resumes
 LONGER = ("iterations",)  # may change too: "train it longer" (the schedule changes from there on)
 
-# The demo: what learns in a few minutes on two CPU cores (README: "The toy world").
+# The demo: what learns in minutes on two CPU cores (README: "The demo").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, vocab_size=128,
            batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
            warmup=100, iterations=1000, checkpoint_every=500, out="runs/toy")
@@ -48,7 +48,7 @@ def get_args_parser():
     d = virtex.Config()
     toy = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TOY.items())
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
-                                epilog=f"Without --data (the demo), these are the defaults: {toy}")
+                                epilog=f"For the toy world (no --data, or data in --toy-dir): {toy}")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/), or "
                    "tar shards: 'DIR/{00000..00999}.tar' or a folder of them")

@@ -230,12 +230,11 @@ def eval_image(image, resize, size):
     """Short side to `resize`, centre crop `size` (224/224 pretraining val, 256/224 downstream)."""
     return TF.pil_to_tensor(TF.center_crop(TF.resize(image, resize, antialias=True), size))
 
-def to_input(images, device, channels_last=True):
+def to_input(images, device):
     """uint8 images (B, 3, S, S) -> the network's float input on `device`, normalised there."""
     images = images.to(device, non_blocking=True).float().div_(255)
     mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
-    images = images.sub_(mean).div_(std)
-    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+    return images.sub_(mean).div_(std)
 
 def load_image(source, size=None):
     """Any image PIL reads (greyscale, CMYK, palette, alpha, 16-bit) as 8-bit RGB, from a path or
@@ -1438,7 +1437,7 @@ def caption_command(args):
     size = model.cfg.image_size
     resize = round(size * 256 / 224)
     pictures = [TF.center_crop(TF.resize(load_image(p), resize), size) for p in args.images]
-    images = to_input(torch.stack([TF.pil_to_tensor(p) for p in pictures]), device, False)
+    images = to_input(torch.stack([TF.pil_to_tensor(p) for p in pictures]), device)
     generator = torch.Generator().manual_seed(args.seed)
     captions = model.caption(images, args.beam, args.nucleus, model.cfg.max_length, generator)
     if args.attention:
