@@ -181,3 +181,10 @@ def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
     run(toy, tmp_path, "--iterations", "3", "--checkpoint-every", "100")
     steps = seeds[seeds.index(virtex.mix_seed(0, 1, 0)):][:3]  # the loop's, iterations 1-3 of rank 0
     assert steps == [virtex.mix_seed(0, i, 0) for i in (1, 2, 3)] and len(set(steps)) == 3
+
+
+def test_evaluation_follows_the_runs_precision(toy, tmp_path, monkeypatch):
+    asked, autocast = [], virtex.autocast
+    monkeypatch.setattr(virtex, "autocast", lambda device, amp="bf16": asked.append(amp) or autocast(device, amp))
+    run(toy, tmp_path, "--iterations", "2", "--checkpoint-every", "100", "--amp", "off")
+    assert len(asked) >= 6 and set(asked) == {"off"}  # 2 training steps, val loss, CIDEr, 2 VOC07 splits
