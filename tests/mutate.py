@@ -3,6 +3,7 @@ bugs into the code one at a time and check that the test suite catches each.
 
     python tests/mutate.py                 # every mutant: killed by which test, or SURVIVED
     python tests/mutate.py 3 7             # only mutants 3 and 7
+    python tests/mutate.py --tests-from REV   # against the tests of an earlier commit
     python tests/mutate.py --list
 
 Each mutant runs in a copy of the project: first the tests named as its likely catchers, then, if
@@ -103,6 +104,18 @@ MUTANTS = [
     ("probe.py", "    best = costs[cv.argmax(1).to(device)]  # the first maximum: ties keep the smaller C",
      "    best = costs[cv.argmin(1).to(device)]  # the first maximum: ties keep the smaller C",
      "SVM cost picked by the worst CV AP", "scikit"),
+    ("train.py", "            splits = sets[\"voc\"].features(run.model.visual, run.device, cfg.amp, run.group)",
+     "            splits = sets[\"voc\"].features(run.model.visual, run.device, group=run.group)",
+     "evaluation in bf16 whatever the run's --amp", "precision"),
+    ("probe.py", "        return 0.1 ** sum(step >= round(m * total) for m in MILESTONES)",
+     "        return 0.1 ** sum(step > round(m * total) for m in MILESTONES)",
+     "fine-tuning's LR steps down one iteration late", "schedule or lr"),
+    ("probe.py", "    visual.train(recipe.finetune).requires_grad_(recipe.finetune)  # frozen: autograd stays out",
+     "    visual.train(True).requires_grad_(recipe.finetune)  # frozen: autograd stays out",
+     "linear evaluation updates the frozen backbone's BatchNorm statistics", "bit_identical or frozen"),
+    ("probe.py", "        counts += torch.tensor([hits[:, 0].sum(), hits.any(1).sum(), len(batch)], device=device)",
+     "        counts += torch.tensor([hits.any(1).sum(), hits[:, 0].sum(), len(batch)], device=device)",
+     "top-1 and top-5 swapped", "top or linear"),
 ]
 
 
@@ -110,10 +123,21 @@ def run(command, cwd):
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True).returncode == 0
 
 
-def mutate(index, mutant, tmp):
+def tests_of(revision, copy):
+    """Replace the copy's tests with those of an earlier commit (what survived before?)."""
+    git = lambda *args: subprocess.run(["git", *args], cwd=ROOT, capture_output=True, check=True).stdout
+    shutil.rmtree(copy / "tests")
+    (copy / "tests").mkdir()
+    for name in git("ls-tree", "--name-only", revision, "tests/").decode().split():
+        (copy / name).write_bytes(git("show", f"{revision}:{name}"))
+
+
+def mutate(index, mutant, tmp, revision=None):
     path, original, bug, what, catchers = mutant
     copy = Path(tmp) / f"m{index}"
     shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("data", "runs", ".git", "__pycache__", "*.pt"))
+    if revision:
+        tests_of(revision, copy)
     text = (copy / path).read_text()
     if text.count(original) != 1:
         return f"{index:2d} NOT FOUND ({text.count(original)} matches) {what}"
@@ -122,6 +146,7 @@ def mutate(index, mutant, tmp):
     start = time.perf_counter()
     killed = not run(pytest + ["-k", catchers], copy) or not run(pytest, copy)
     verdict = "killed  " if killed else "SURVIVED"
+    shutil.rmtree(copy)
     return f"{index:2d} {verdict} {time.perf_counter() - start:5.0f} s  {path}: {what}"
 
 
@@ -129,8 +154,9 @@ def main():
     if "--list" in sys.argv:
         return print("\n".join(f"{i:2d} {m[0]}: {m[3]}" for i, m in enumerate(MUTANTS)))
     chosen = [int(a) for a in sys.argv[1:] if re.fullmatch(r"\d+", a)] or range(len(MUTANTS))
+    revision = sys.argv[sys.argv.index("--tests-from") + 1] if "--tests-from" in sys.argv else None
     with tempfile.TemporaryDirectory() as tmp:
-        results = [print(line := mutate(i, MUTANTS[i], tmp), flush=True) or line for i in chosen]
+        results = [print(line := mutate(i, MUTANTS[i], tmp, revision), flush=True) or line for i in chosen]
     killed = sum("killed" in line for line in results)
     print(f"{killed} of {len(results)} mutants killed")
 
