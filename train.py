@@ -242,20 +242,20 @@ class EncodedCaptions(virtex.CocoCaptions):
 def decode_jpegs(pixels, device):
     """Each image on `device`, the JPEG bytes decoded there; None where they do not decode."""
     jpegs = [p for p in pixels if p.dim() == 1]
+    decode = lambda data: torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                     device=device)
     try:
-        decoded = iter(decode_jpeg(jpegs, device))
+        decoded = iter(decode(jpegs) if jpegs else [])
     except RuntimeError:  # a corrupt JPEG fails the whole batch: decode one by one
-        decoded = iter([decode_jpeg(p, device, or_none=True) for p in jpegs])
+        decoded = iter([or_none(decode, p) for p in jpegs])
     return [next(decoded) if p.dim() == 1 else p.to(device) for p in pixels]
 
 
-def decode_jpeg(data, device, or_none=False):
+def or_none(f, x):
     try:
-        return torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB, device=device)
+        return f(x)
     except RuntimeError:
-        if or_none:
-            return None
-        raise
+        return None
 
 
 def shift_hue(x, shift):
