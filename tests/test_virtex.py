@@ -227,6 +227,16 @@ def test_padding_does_not_change_the_loss(model):
     torch.testing.assert_close(alone, padded)
 
 
+def test_masked_lm_attention_does_not_see_padding(cfg):
+    model = virtex.VirTex(dataclasses.replace(cfg, task="masked_lm")).eval()
+    memory = model.textual.project(model.visual(torch.randn(1, 3, 64, 64)))
+    alone = captions([5, 6, 7])  # length 5
+    padded = torch.cat([alone, torch.zeros(1, 3, dtype=torch.long)], 1)
+    lengths = torch.tensor([5])
+    expected = model.textual(memory, alone, causal=False, lengths=lengths)
+    torch.testing.assert_close(model.textual(memory, padded, causal=False, lengths=lengths)[:, :5], expected)
+
+
 def test_padding_and_unknown_positions_embed_to_zero(model):
     tokens = torch.tensor([[virtex.SOS, 5, virtex.UNK, 6, virtex.EOS, 0, 0]])
     x = model.textual.embedding(tokens)
