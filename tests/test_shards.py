@@ -33,6 +33,15 @@ def test_every_reader_gets_shards_of_its_own_or_a_clear_error(toy, tokenizer, cf
     assert not torch.equal(first[0][1], first[1][1])  # different samples
 
 
+def test_every_epoch_reads_the_shards_in_a_new_order(toy, tokenizer, cfg):
+    from dataclasses import replace
+    samples = virtex.CocoCaptions(None, "train", tokenizer, cfg, items=[])
+    stream = iter(virtex.CaptionShards(virtex.expand_shards(toy / "shards"), samples, replace(cfg, workers=0, batch_size=8)))
+    batches = [next(stream) for _ in range(12)]  # two epochs of the 48 toy images
+    assert [batch[4][1] for batch in batches] == [0] * 6 + [1] * 6  # the epoch of the next sample
+    assert not torch.equal(batches[0][0], batches[6][0])
+
+
 def test_training_from_shards_resumes_exactly_with_loader_workers(toy, tmp_path):
     flags = ["--data", toy / "shards", "--val", toy / "coco", "--workers", "2", "--iterations", "4",
              "--checkpoint-every", "100"]
