@@ -1,6 +1,7 @@
 """probe.py classification: the iNaturalist layout, exact resume, torchrun, fine-tuning, refusals."""
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -100,6 +101,26 @@ def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, caps
     assert a.keys() == {"weight", "bias"}  # linear evaluation keeps the head alone
     for key in a:  # the same global batches: the same head, up to rounding in the gradient mean
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
+
+
+def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(toy, tmp_path, capsys, monkeypatch):
+    flags = [*TINY, "--imagenet", toy / "imagenet"]
+    run_probe(*flags, "--out", tmp_path / "straight")
+    whole = last_line(capsys)
+    lr_factor = probe.lr_factor
+    def preempt_at_third_step(step, total, finetune):
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)  # delivered while iteration 3 runs
+        return lr_factor(step, total, finetune)
+    monkeypatch.setattr(probe, "lr_factor", preempt_at_third_step)
+    run_probe(*flags, "--out", tmp_path / "preempted")
+    assert "stopped by a signal after iteration 3" in last_line(capsys)
+    assert virtex.load_checkpoint(tmp_path / "preempted" / "last.pt")["iteration"] == 3
+    monkeypatch.setattr(probe, "lr_factor", lr_factor)
+    run_probe(*flags, "--out", tmp_path / "preempted")
+    assert last_line(capsys) == whole
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["weights"] for d in ("straight", "preempted"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_fine_tuning_lr_drops_tenfold_at_epochs_70_and_90_and_linear_decays_to_zero():
