@@ -133,6 +133,7 @@ ADDED_FOR_SURVIVORS = [
     "test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint",
     "test_each_step_runs_at_the_scheduled_learning_rates", "test_dropout_is_drawn_anew_at_every_step",
     "test_masked_lm_attention_does_not_see_padding", "test_every_epoch_reads_the_shards_in_a_new_order",
+    "test_top1_and_top5_count_the_best_and_the_five_best_classes",
 ]
 
 

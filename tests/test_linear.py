@@ -4,6 +4,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -121,6 +122,17 @@ def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(
     assert last_line(capsys) == whole
     a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["weights"] for d in ("straight", "preempted"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_top1_and_top5_count_the_best_and_the_five_best_classes(toy):
+    class Ranked(torch.nn.Module):  # every image gets the same ranking: class 0 first, 19 last
+        def forward(self, x):
+            return torch.arange(20.0, 0, -1).expand(len(x), 20)
+    model = Ranked()
+    run = SimpleNamespace(processes=(0, 1, torch.device("cpu"), None), model=model, trained=model,
+                          recipe=SimpleNamespace(batch_size=32, workers=0, amp="off"))
+    val = probe.read_splits(toy / "imagenet").val  # 5 images of each of the 20 classes
+    assert probe.evaluate(run, val, 32) == (5.0, 25.0)
 
 
 def test_fine_tuning_lr_drops_tenfold_at_epochs_70_and_90_and_linear_decays_to_zero():
