@@ -54,6 +54,16 @@ def load_backbone(init, backbone="resnet50", seed=0):
 # Features: short side 256/224 of the image size, centre crop, GAP of layer4, L2-normalised.
 # Every rank decodes its share of an evaluation set once; the features are gathered.
 
+def read(path, size=None):
+    """An image of an evaluation or a classification set, which cannot be left out or replaced
+    (every image counts): unreadable, it stops the run with its name (last.pt keeps the epochs
+    trained, and an epoch's evaluation comes after its save)."""
+    try:
+        return virtex.load_image(path, size)
+    except virtex.UNREADABLE as e:
+        raise ValueError(f"{path}: unreadable image ({e})") from None
+
+
 class Images(torch.utils.data.Dataset):
     """Evaluation views (uint8): short side 256/224 of the image size, centre crop."""
 
@@ -65,8 +75,7 @@ class Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        image = virtex.load_image(self.paths[i], self.resize)
-        return virtex.eval_image(image, self.resize, self.size)
+        return virtex.eval_image(read(self.paths[i], self.resize), self.resize, self.size)
 
 
 def checksum(module):
@@ -454,7 +463,7 @@ class TrainViews(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         path, label = self.items[index]
-        image = virtex.load_image(path)  # crops of 8% of the image need every pixel
+        image = read(path)  # crops of 8% of the image need every pixel
         drawn = virtex.draw_augmentation(*image.size, 0.08, torch.Generator().manual_seed(seed))
         return virtex.augment(image, drawn._replace(jitter=()), self.size), label
 
@@ -634,14 +643,13 @@ def train_epochs(run, data, val, image_size, total):
             losses.append(train_step(run, net, images, labels, iteration - 1, total))
             bar.update()
             signalled = virtex.any_rank(preempted, cpu_group)
-            epoch_end = iteration % per_epoch == 0
-            if epoch_end and not signalled:  # a preempted run spends its grace period saving
-                seconds = time.perf_counter() - tick
+            epoch_end, seconds = iteration % per_epoch == 0, time.perf_counter() - tick
+            if epoch_end or signalled or iteration == stop:  # saving first: neither a failed
+                save(run, iteration)  # evaluation nor a preemption's grace period costs training
+            if epoch_end and not signalled:
                 run.top, run.evaluated = evaluate(run, val, image_size), iteration
                 log_epoch(run, iteration // per_epoch, iteration, losses, seconds, bar)
                 losses, tick = [], time.perf_counter()
-            if epoch_end or signalled or iteration == stop:
-                save(run, iteration)
             if signalled or iteration == stop:
                 break
     bar.close()
@@ -918,4 +926,4 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {virtex.error_line(e)}") from None

@@ -770,7 +770,7 @@ def cli(argv=None):
     try:
         main(parse_args(argv))
     except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {virtex.error_line(e)}") from None
 
 
 if __name__ == "__main__":

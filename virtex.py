@@ -942,6 +942,12 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: not a checkpoint (holds a {type(checkpoint).__name__})")
     return checkpoint
 
+def error_line(error):
+    """A bad-input error as one line. One raised in a DataLoader worker arrives with the worker's
+    traceback as its message, whose last line is "ValueError: <the message>"."""
+    line = str(error).strip().splitlines()[-1]
+    return line.removeprefix(f"{type(error).__name__}: ")
+
 def amp_dtype(device, amp="bf16"):
     """The autocast dtype, where the hardware runs it natively: bf16 (no loss scaling needed) on
     GPUs and on CPUs with bf16 units (AVX512-BF16, AMX), fp16 on GPUs; None means fp32."""
@@ -1478,7 +1484,7 @@ def main(argv=None):
             torch.save(export_backbone(load_model(args.ckpt)[0], args.format), args.out)
             print(f"wrote {args.out}")
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {error_line(e)}") from None
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import probe
 import train
 import virtex
 from conftest import ROOT, TINY, run_train
@@ -37,6 +38,19 @@ def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_pat
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert sum(line.get("unreadable_images", 0) for line in log) >= 2
     assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 4
+
+
+@pytest.mark.parametrize("views, key", [(lambda path: probe.Images([path], 32), 0),
+                                        (lambda path: probe.TrainViews([(path, 0)], 32), (0, 7))])
+def test_an_unreadable_probe_image_stops_with_one_line_naming_it(views, key, tmp_path):
+    """Evaluation and classification images cannot be replaced (each counts): the run stops, and
+    the error raised in a loader worker still reads as one line."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    loader = torch.utils.data.DataLoader(views(bad), sampler=[key], num_workers=1, collate_fn=list)
+    with pytest.raises(ValueError) as error:
+        next(iter(loader))
+    assert virtex.error_line(error.value) == f"{bad}: unreadable image (cannot identify image file '{bad}')"
 
 
 def test_empty_captions_are_dropped_and_captionless_images_skipped(coco, capsys):
