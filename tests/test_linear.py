@@ -135,6 +135,17 @@ def test_top1_and_top5_count_the_best_and_the_five_best_classes(toy):
     assert probe.evaluate(run, val, 32) == (5.0, 25.0)
 
 
+def test_an_unreadable_val_image_stops_the_run_after_the_epoch_is_saved(toy, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train").symlink_to(toy / "imagenet" / "train")
+    val = shutil.copytree(toy / "imagenet" / "val", tmp_path / "data" / "val")
+    bad = sorted(val.glob("*/*.jpg"))[-1]
+    bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(ValueError, match=f"{bad}: unreadable image"):
+        run_probe(*TINY, "--imagenet", tmp_path / "data", "--out", tmp_path / "out")
+    assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 13  # the epoch trained is kept
+
+
 def test_fine_tuning_lr_drops_tenfold_at_epochs_70_and_90_and_linear_decays_to_zero():
     steps = (0, 119_699, 119_700, 153_899, 153_900, 170_999)
     assert [probe.lr_factor(s, 171_000, True) for s in steps] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
