@@ -493,7 +493,8 @@ def validate(run, val):
     model, device = run.model.eval(), run.device
     total = torch.zeros(2, device=device)
     for _, batch in val:
-        images, tokens, lengths, _ = on_device(batch, device)
+        images, tokens, lengths, unreadable = on_device(batch, device)
+        report(run, unreadable)  # each replaced, as in training: a val loss is a mean over images
         with virtex.autocast(device, run.cfg.amp):
             loss = model(images, tokens, lengths)["loss"]
         n = torch.tensor(len(images), device=device)

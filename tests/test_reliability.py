@@ -40,6 +40,12 @@ def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_pat
     assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 4
 
 
+def test_an_unreadable_val_image_is_named_at_the_evaluation(coco, tmp_path, capsys):
+    (coco / "val2017" / "000000000001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    run(coco, tmp_path / "out", "--iterations", "2", "--checkpoint-every", "2")
+    assert "warning: " + str(coco / "val2017" / "000000000001.jpg") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("views, key", [(lambda path: probe.Images([path], 32), 0),
                                         (lambda path: probe.TrainViews([(path, 0)], 32), (0, 7))])
 def test_an_unreadable_probe_image_stops_with_one_line_naming_it(views, key, tmp_path):
