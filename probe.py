@@ -574,20 +574,18 @@ def train_step(run, net, images, labels, step, total):
 def evaluate(run, val, image_size):
     """(top-1, top-5) in percent on `val`, sharded across processes, the network in eval mode."""
     rank, world, device, _ = run.processes
-    shard = val[rank::world]
-    labels = torch.tensor([label for _, label in shard])
-    images = Images([path for path, _ in shard], image_size)
-    loader = torch.utils.data.DataLoader(images, run.recipe.batch_size // world,
-                                         num_workers=run.recipe.workers)
+    labels = torch.tensor([label for _, label in val])
+    batches = shard(list(range(len(val))), rank, world)
+    images = EvalSet(Images([path for path, _ in val], image_size), batches, run.recipe.workers,
+                     cache=False)
     run.model.eval()
-    counts, seen = torch.zeros(3, device=device), 0  # top-1 hits, top-5 hits, images
-    for batch in loader:
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for keys, batch in images:
         with virtex.autocast(device, run.recipe.amp):
             logits = run.model(virtex.to_input(batch, device))
         best = logits.topk(min(5, logits.shape[1])).indices.cpu()  # (B, 5)
-        hits = best == labels[seen:seen + len(batch), None]
+        hits = best == labels[keys, None]
         counts += torch.tensor([hits[:, 0].sum(), hits.any(1).sum(), len(batch)], device=device)
-        seen += len(batch)
     if dist.is_initialized():
         dist.all_reduce(counts)
     run.trained.train()
@@ -811,7 +809,7 @@ def backbones(args):
 def main(args):
     if args.benchmark:
         return benchmark(args.quick)
-    rank, world, device, group = processes = virtex.init_processes()
+    processes = virtex.init_processes()
     found = backbones(args)
     if args.imagenet or args.inaturalist:
         classification(args, found, processes)
