@@ -170,11 +170,7 @@ def vocabulary(args, out, rank):
     if rank == 0 and not path.exists():
         size = args.vocab_size or virtex.Config.vocab_size
         virtex.print0(f"building a {size}-token vocabulary from the {args.data} train captions")
-        if virtex.is_shards(args.data):
-            captions = virtex.shard_captions(virtex.expand_shards(args.data), VOCAB_CAPTIONS)
-        else:
-            items = virtex.first_images(virtex.read_captions(args.data, "train"), args.max_images)
-            captions = (c for _, captions in items for c in captions)
+        captions = train_captions(args.data, args.max_images, VOCAB_CAPTIONS)
         virtex.Tokenizer.train(captions, out / "vocab", size)
     virtex.barrier()
     tokenizer = virtex.Tokenizer(path)
@@ -182,6 +178,15 @@ def vocabulary(args, out, rank):
         raise SystemExit(f"error: {path} has {len(tokenizer)} tokens, not --vocab-size "
                          f"{args.vocab_size}")
     return tokenizer
+
+
+def train_captions(data, max_images, shard_limit):
+    """The train captions of --data: a COCO folder's (of its first `max_images` images), or the
+    first `shard_limit` of tar shards."""
+    if virtex.is_shards(data):
+        return virtex.shard_captions(virtex.expand_shards(data), shard_limit)
+    items = virtex.first_images(virtex.read_captions(data, "train"), max_images)
+    return (c for _, captions in items for c in captions)
 
 
 def datasets(args, tokenizer, rank=0, world=1):
@@ -666,12 +671,8 @@ def benchmark_loader(args, cfg, device):
         args.data, args.val = args.data or coco_sized_jpegs(Path(tmp) / "coco"), None
         if args.vocab:
             tokenizer = virtex.Tokenizer(args.vocab)
-        elif virtex.is_shards(args.data):
-            captions = virtex.shard_captions(virtex.expand_shards(args.data), 5000)
-            tokenizer = virtex.Tokenizer.train(captions, vocab_size=128)
-        else:
-            items = virtex.read_captions(args.data, "train")[:5000]
-            tokenizer = virtex.Tokenizer.train((c for _, cs in items for c in cs), vocab_size=128)
+        else:  # a small vocabulary from a sample of the captions: enough to time tokenising
+            tokenizer = virtex.Tokenizer.train(train_captions(args.data, 5000, 5000), vocab_size=128)
         _, data, _ = datasets(args, tokenizer)
         warmup = 2 * max(1, cfg.workers)  # what the workers prefetch while starting: not steady
         loader = batches(data, cfg, device, 0, warmup + cfg.iterations)
