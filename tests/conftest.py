@@ -83,16 +83,20 @@ def run_train(out, *flags):
     train.cli(["--out", str(out), *TINY, *map(str, flags)])
 
 
-def torchrun_command(script, *flags, nproc=2):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            str(ROOT / script), *map(str, flags)]
+def torchrun_command(script, *flags, launch=("--standalone", "--nproc_per_node=2")):
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *map(str, flags)]
+
+
+def one_thread_each():
+    """The environment of launched processes: the two cores are shared, one thread a process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def torchrun(script, *flags, nproc=2):
     """Run a script under torchrun with CPU processes (gloo); returns the finished process."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(torchrun_command(script, *flags, nproc=nproc), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    command = torchrun_command(script, *flags, launch=("--standalone", f"--nproc_per_node={nproc}"))
+    return subprocess.run(command, cwd=ROOT, env=one_thread_each(), capture_output=True, text=True,
+                          timeout=300)
 
 
 def two_nodes(script, *flags):
@@ -102,14 +106,13 @@ def two_nodes(script, *flags):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",
-                               str(rank), "--nproc_per_node", "1", "--rdzv-backend", "static",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", str(ROOT / script), *map(str, flags)],
-                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    node = lambda rank: ("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
+                         "--rdzv-backend", "static", "--rdzv-endpoint", f"127.0.0.1:{port}")
+    nodes = [subprocess.Popen(torchrun_command(script, *flags, launch=node(rank)), cwd=ROOT, env=one_thread_each(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     results = []
-    for node in nodes:
-        stdout, stderr = node.communicate(timeout=300)
-        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    for process in nodes:
+        stdout, stderr = process.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
     return results

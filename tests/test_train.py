@@ -9,7 +9,7 @@ import torch
 import probe
 import train
 import virtex
-from conftest import ROOT, TINY, run_train, torchrun, torchrun_command, two_nodes
+from conftest import ROOT, TINY, one_thread_each, run_train, torchrun, torchrun_command, two_nodes
 
 
 def run(toy, out, *flags):
@@ -106,7 +106,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
     import signal
     command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "200",
                                "--checkpoint-every", "1000")
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    process = subprocess.Popen(command, cwd=ROOT, env=one_thread_each(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = b""
     while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):  # rank 0's progress bar: training is under way
