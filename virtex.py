@@ -789,14 +789,16 @@ def load_model(path, heads=None, task=None):
     checkpoint = load_checkpoint(path)
     if "config" not in checkpoint:
         return from_official(path, heads, task), None
+    if "task" not in checkpoint["config"]:  # a probe.py last.pt: a classifier's, not a VirTex
+        raise ValueError(f"{path}: a probe.py checkpoint (a classifier), not a VirTex model")
     model = VirTex(Config.from_dict(checkpoint["config"]))
     load_weights(model, state_dict_of(checkpoint, path), path)
     return model, Tokenizer(checkpoint["vocab"]) if checkpoint.get("vocab") else None
 
 
 # ==============================================================================================
-# Not the method: caption metrics, official checkpoints and export, files, precision and
-# processes, the toy world, the command line. A reader of the method can stop here.
+# Not the method: caption metrics, official checkpoints and export, files, processes and runs,
+# tar shards, the toy world, the command line. A reader of the method can stop here.
 # ==============================================================================================
 
 # ----------------------------------------------------------------------------------------------
@@ -961,17 +963,28 @@ def autocast(device, amp="bf16"):
     dtype = amp_dtype(device, amp)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
+def loss_scaler(device, amp):
+    """fp16 autocast (on GPUs, see amp_dtype) needs its loss scaled; any other precision gets a
+    disabled scaler, which passes everything through (and saves an empty state)."""
+    return torch.amp.GradScaler(device.type, enabled=amp_dtype(device, amp) == torch.float16)
+
+class Processes(NamedTuple):
+    """This process's place in the run, as init_processes finds it."""
+    rank: int
+    world: int
+    device: torch.device
+    group: object = None  # gloo: small control messages without a GPU sync (None: one process)
+
 def init_processes():
-    """(rank, world, device, cpu_group): torchrun sets RANK and friends; plain python is rank 0
-    of 1. `cpu_group` (gloo) carries small control messages without a GPU sync."""
+    """The Processes of this run: torchrun sets RANK and friends; plain python is rank 0 of 1."""
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
         torch.cuda.set_device(device)
     if "RANK" not in os.environ:
-        return 0, 1, device, None
+        return Processes(0, 1, device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
+    return Processes(dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo"))
 
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
@@ -1005,6 +1018,125 @@ def preemption():
 def ignore_interrupts(_):
     """Loader workers leave Ctrl-C to the main process, which finishes its step and saves."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+# ----------------------------------------------------------------------------------------------
+# Runs: what train.py and probe.py share. The OUT/last.pt of either holds "model" (the state of
+# what the run trains), "optimizer", "scaler", "iteration" and "config" (the settings that made
+# it); train.py's adds "vocab" (and "shards"). Rerunning a command resumes from its last.pt; a
+# last.pt made otherwise is refused. The loops and the training steps stay in the scripts.
+
+# How a run computes, not what: settings that may change when a run resumes.
+RUNTIME = ("workers", "amp", "channels_last", "compile", "stop_after")
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the docstring's layout and states every default."""
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Bad input (FileNotFoundError, ValueError) ends the command with one line, no traceback."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {error_line(e)}") from None
+
+def check_batch(batch_size, world):
+    """Each process takes an equal slice of every global batch."""
+    if batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by the {world} processes")
+
+def resume(path, script, settings, model, optimizer, scaler, needs=()):
+    """The checkpoint at `path` (a last.pt of `script`, holding `needs` too), loaded into model,
+    optimizer and scaler; None if there is none. Refused if a setting of `settings` ({name:
+    value}; RUNTIME ones aside, "vocabulary" is the checkpoint's "vocab") differs or is missing."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    checkpoint = load_checkpoint(path)
+    missing = [k for k in ("model", "optimizer", "iteration", "config", *needs) if k not in checkpoint]
+    if missing:
+        raise ValueError(f"{path} is not a {script} checkpoint (no {', '.join(missing)}); "
+                         "use another --out")
+    saved = {**checkpoint["config"], "vocabulary": checkpoint.get("vocab")}
+    changed = [k for k, v in settings.items() if k not in RUNTIME and saved.get(k) != v]
+    if changed:
+        raise ValueError(f"{path}: made with other settings ({', '.join(changed)}); "
+                         "use another --out")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    if checkpoint.get("scaler"):  # a bf16 or fp32 run saved a disabled scaler's empty state:
+        scaler.load_state_dict(checkpoint["scaler"])  # an fp16 resume starts a fresh loss scale
+    print0(f"resuming {path} at iteration {checkpoint['iteration']}")
+    return checkpoint
+
+def ddp(model, device):
+    """`model` in DistributedDataParallel under torchrun, else itself. Only what has gradients is
+    synchronised, and all of it in every step: a static graph lets DDP overlap more."""
+    if not dist.is_initialized():
+        return model
+    ids = [device] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, ids, static_graph=True,
+                                               gradient_as_bucket_view=True)
+
+def resumable_loader(data, settings, start, stop, processes, collate=None):
+    """The training batches after iteration `start` up to `stop`, this process's slice of each
+    (ResumableSampler; `settings`, a Config or a probe.Recipe, gives the batch size, seed and
+    loader workers). A dataset that batches itself (CaptionShards) is endless: the loop stops."""
+    if isinstance(data, torch.utils.data.IterableDataset):
+        options = dict(batch_size=None)
+    else:
+        sampler = ResumableSampler(len(data), settings.batch_size, settings.seed, start, stop,
+                                   processes.rank, processes.world)
+        options = dict(batch_sampler=sampler, collate_fn=collate)
+    return torch.utils.data.DataLoader(data, num_workers=settings.workers,
+                                       pin_memory=processes.device.type == "cuda",
+                                       worker_init_fn=ignore_interrupts, **options)
+
+def stopped_early(iteration, total, signalled):
+    """Whether the run stopped before `total` iterations; if so, says why and what to do."""
+    if signalled:
+        print0(f"stopped by a signal after iteration {iteration}; rerun to resume")
+    elif iteration < total:
+        print0(f"stopped after iteration {iteration} (--stop-after); rerun without it")
+    return signalled or iteration < total
+
+def shard(keys, rank=0, world=1, batch_size=64):
+    """This rank's batches of `keys`. The batches are the same whatever the number of processes
+    (dealt round-robin), so a sharded evaluation computes what an unsharded one does."""
+    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
+    return batches[rank::world]
+
+class EvalSet:
+    """Batches of a dataset that never change (no augmentation): this rank's share, decoded once
+    with `cache`, its uint8 images then kept in host memory, so that every later evaluation is
+    forward passes only. Iterating yields (keys, collated batch)."""
+
+    def __init__(self, data, batches, workers=2, cache=True, collate=None):
+        self.data, self.batches, self.workers = data, batches, workers
+        self.collate = collate or torch.utils.data.default_collate
+        self.cache, self.decoded = cache, None
+
+    def __iter__(self):
+        if self.decoded is not None:
+            return zip(self.batches, self.decoded)
+        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches,
+                                             num_workers=self.workers, collate_fn=self.collate)
+        if not self.cache:
+            return zip(self.batches, loader)
+        self.decoded = list(loader)
+        return zip(self.batches, self.decoded)
+
+    def nbytes(self):
+        """Host memory the decoded batches hold."""
+        batches = [batch if isinstance(batch, list) else [batch] for batch in self.decoded or []]
+        return sum(t.nbytes for batch in batches for t in batch if torch.is_tensor(t))
+
+def gather(parts, group):
+    """Every rank's [(keys, result)], in the order of the keys, on every rank."""
+    if group is not None:
+        everyone = [None] * dist.get_world_size(group)
+        dist.all_gather_object(everyone, parts, group=group)
+        parts = [part for rank_parts in everyone for part in rank_parts]
+    return sorted(parts, key=lambda part: part[0][0])
 
 # ----------------------------------------------------------------------------------------------
 # Beyond COCO: captions streamed from tar shards as img2dataset writes them (KEY.jpg + KEY.txt;
@@ -1477,14 +1609,12 @@ def get_args_parser():
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    try:
+    with one_line_errors():
         if args.command == "caption":
             caption_command(args)
         else:
             torch.save(export_backbone(load_model(args.ckpt)[0], args.format), args.out)
             print(f"wrote {args.out}")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {error_line(e)}") from None
 
 
 if __name__ == "__main__":
