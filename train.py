@@ -27,8 +27,7 @@ import probe
 import virtex
 
 LOSSES = ("loss", "loss_forward", "loss_backward")
-RUNTIME = ("workers", "amp", "channels_last", "compile")  # may change when a run resumes
-LONGER = ("iterations",)  # may change too: "train it longer" (the schedule changes from there on)
+LONGER = ("iterations",)  # may change on resume, as virtex.RUNTIME: "train it longer"
 
 # The demo: what learns in minutes on two CPU cores (README: "The demo").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, vocab_size=128,
@@ -40,14 +39,10 @@ VOCAB_CAPTIONS = 1_000_000  # captions a vocabulary is built from, at most (shar
 # ----------------------------------------------------------------------------------------------
 # Arguments: every model, data and optimisation flag is a field of virtex.Config
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and states every default."""
-
-
 def get_args_parser():
     d = virtex.Config()
     toy = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in TOY.items())
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=virtex.HelpFormatter,
                                 epilog=f"For the toy world (no --data, or data in --toy-dir): {toy}")
     g = p.add_argument_group("input and output")
     g.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/), or "
@@ -357,53 +352,31 @@ def new_model(cfg, device):
     if cfg.channels_last:  # NHWC: tensor-core convolutions (cuDNN, oneDNN) without transposes. Set
         model.to(memory_format=torch.channels_last)  # before the optimizer: its state follows
     optimizer = virtex.build_optimizer(model, cfg, fused=device.type == "cuda")  # one kernel
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
-    return model, optimizer, scaler
-
-
-def load_scaler(scaler, state):
-    """A bf16 or fp32 run saved a disabled scaler's empty state: an fp16 resume starts afresh."""
-    if state:
-        scaler.load_state_dict(state)
+    return model, optimizer, virtex.loss_scaler(device, cfg.amp)
 
 
 def build(args, cfg, tokenizer, device, rank=0, world=1, group=None):
     """The run, resumed from OUT/last.pt if it exists (refused if other settings made it)."""
     run = Run(args, cfg, tokenizer, *new_model(cfg, device), device, rank, world, group)
-    last = run.out / "last.pt"
-    if last.exists():
-        checkpoint = virtex.load_checkpoint(last)
-        keys = ("model", "optimizer", "iteration", "config", "vocab")
-        missing = [k for k in keys if k not in checkpoint]
-        if missing:
-            raise SystemExit(f"error: {last} is not a train.py checkpoint "
-                             f"(no {', '.join(missing)}); use another --out")
-        saved = checkpoint["config"]
-        kept = [k for k in saved if k not in RUNTIME + LONGER]
-        changed = [k for k in kept if getattr(cfg, k, saved[k]) != saved[k]]
-        changed += ["vocabulary"] if checkpoint["vocab"] != tokenizer.model else []
-        if changed:
-            raise SystemExit(f"error: {last} was trained with other settings "
-                             f"({', '.join(changed)}); use another --out")
-        run.model.load_state_dict(checkpoint["model"])
-        run.optimizer.load_state_dict(checkpoint["optimizer"])
-        load_scaler(run.scaler, checkpoint.get("scaler"))
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LONGER}
+    settings["vocabulary"] = tokenizer.model
+    checkpoint = virtex.resume(run.out / "last.pt", "train.py", settings, run.model, run.optimizer,
+                               run.scaler, needs=("vocab",))
+    if checkpoint:
         run.start, run.shards = checkpoint["iteration"], checkpoint.get("shards")
         if (run.out / "best.pt").exists():
             run.best_map = virtex.load_checkpoint(run.out / "best.pt")["voc_map"]
-        virtex.print0(f"resuming {last} at iteration {run.start}")
-        if saved["iterations"] != cfg.iterations:
-            virtex.print0(f"--iterations {cfg.iterations}, not {saved['iterations']}: the LR "
-                          f"schedule changes from iteration {run.start} on")
+        saved = checkpoint["config"]["iterations"]
+        if saved != cfg.iterations:
+            virtex.print0(f"--iterations {cfg.iterations}, not {saved}: the LR schedule changes "
+                          f"from iteration {run.start} on")
     return run
 
 
 def wrap_for_training(model, cfg, device, distributed):
     """The module the loop calls: DDP-wrapped, then compiled, as configured."""
-    if distributed:  # every parameter is used in every step: a static graph lets DDP overlap more
-        ids = [device] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, ids, static_graph=True,
-                                                          gradient_as_bucket_view=True)
+    if distributed:
+        model = virtex.ddp(model, device)
     if cfg.compile:  # fuses the pointwise ops around the matmuls. Compiled after DDP, as PyTorch
         model = torch.compile(model)  # documents: DDP's hooks then overlap the gradient all-reduce
     return model
@@ -477,15 +450,15 @@ def save(run, iteration):
 
 def eval_sets(run, val_data):
     """The evaluation inputs, built at the first evaluation: this rank's share of the val split
-    (and of VOC07), decoded once and kept unless --no-eval-cache (see probe.EvalSet)."""
+    (and of VOC07), decoded once and kept unless --no-eval-cache (see virtex.EvalSet)."""
     if run.eval_sets is None:
         args, cfg = run.args, run.cfg
         run.eval_sets = {}
         if val_data is not None:
             keys = [(i, i) for i in range(len(val_data))]  # seed = index: the same caption always
-            batches = probe.shard(keys, run.rank, run.world)
-            run.eval_sets["val"] = probe.EvalSet(val_data, batches, cfg.workers, args.eval_cache,
-                                                 virtex.collate)
+            batches = virtex.shard(keys, run.rank, run.world)
+            run.eval_sets["val"] = virtex.EvalSet(val_data, batches, cfg.workers, args.eval_cache,
+                                                  virtex.collate)
         if args.voc:
             run.eval_sets["voc"] = probe.VOC07(args.voc, cfg.image_size, run.rank, run.world,
                                                cfg.workers, args.eval_cache)
@@ -522,7 +495,7 @@ def val_cider(run, val, data):
                 images = virtex.to_input(images[:len(keys)], device)
                 parts.append((keys, model.caption(images, max_steps=cfg.max_length)))
     model.train()
-    captions = probe.gather(parts, run.group)  # on every rank: each must join the gather
+    captions = virtex.gather(parts, run.group)  # on every rank: each must join the gather
     candidates = {i: virtex.caption_words(run.tokenizer.decode(c))
                   for keys, batch in captions for (i, _), c in zip(keys, batch)}
     references = {i: [virtex.caption_words(c) for c in data.items[i][1]] for i in candidates}
@@ -562,18 +535,6 @@ def evaluate(run, iteration, weights, val_data):
     return record
 
 
-def batches(data, cfg, device, start=0, stop=None, rank=0, world=1):
-    """The training batches after iteration `start` up to `stop`, this rank's slice of each."""
-    if isinstance(data, virtex.CaptionShards):  # endless: the loop stops at `stop`
-        options = dict(batch_size=None)
-    else:
-        sampler = virtex.ResumableSampler(len(data), cfg.batch_size, cfg.seed, start, stop, rank,
-                                          world)
-        options = dict(batch_sampler=sampler, collate_fn=virtex.collate)
-    return torch.utils.data.DataLoader(data, num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                                       worker_init_fn=virtex.ignore_interrupts, **options)
-
-
 def on_device(batch, device, decode="loader", size=None):
     """(network input, tokens, lengths) on `device`, and the unreadable images met."""
     if decode == "device":
@@ -601,8 +562,8 @@ def prepare(args, rank, world, device, group=None):
     run = build(args, cfg, tokenizer, device, rank, world, group)
     readers = train_data.readers if isinstance(train_data, virtex.CaptionShards) else None
     if run.start and readers != (run.shards or {}).get("readers"):
-        raise SystemExit(f"error: {run.out}/last.pt read other data (or shards with another number "
-                         "of processes x --workers); use another --out")
+        raise ValueError(f"{run.out}/last.pt read other data (or shards with another number of "
+                         "processes x --workers); use another --out")
     if readers:  # each reader goes on from where it stood
         run.shards = run.shards or {"readers": readers, "positions": {}}
         train_data.start, train_data.positions = run.start, run.shards["positions"]
@@ -675,7 +636,8 @@ def benchmark_loader(args, cfg, device):
             tokenizer = virtex.Tokenizer.train(train_captions(args.data, 5000, 5000), vocab_size=128)
         _, data, _ = datasets(args, tokenizer)
         warmup = 2 * max(1, cfg.workers)  # what the workers prefetch while starting: not steady
-        loader = batches(data, cfg, device, 0, warmup + cfg.iterations)
+        stop, alone = warmup + cfg.iterations, virtex.Processes(0, 1, device)
+        loader = virtex.resumable_loader(data, cfg, 0, stop, alone, virtex.collate)
         images = (on_device(b[:4], device, args.decode, cfg.image_size)[0] for b in loader)
         for _ in range(warmup):
             next(images)
@@ -709,12 +671,11 @@ def coco_sized_jpegs(root, images=512):
 # ----------------------------------------------------------------------------------------------
 
 def main(args):
-    rank, world, device, cpu_group = virtex.init_processes()
+    processes = virtex.init_processes()
+    rank, world, device, cpu_group = processes
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: find the fastest kernels once
-    if args.batch_size % world:
-        raise SystemExit(f"error: --batch-size {args.batch_size} is not divisible by the {world} "
-                         "processes")
+    virtex.check_batch(args.batch_size, world)
     if args.benchmark:
         return benchmark(args, device)
     demo = args.data is None
@@ -724,7 +685,7 @@ def main(args):
     if run.start >= stop:
         return virtex.print0(f"{run.out}/last.pt is at iteration {run.start}: nothing to do")
     model = wrap_for_training(run.model, cfg, device, distributed=dist.is_initialized())
-    loader = batches(train_data, cfg, device, run.start, stop, rank, world)
+    loader = virtex.resumable_loader(train_data, cfg, run.start, stop, processes, virtex.collate)
     if rank == 0:
         (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         run.log = open(run.out / "log.jsonl", "a")
@@ -758,21 +719,15 @@ def main(args):
             if end:
                 break
     bar.close()
-    if signalled:
-        virtex.print0(f"stopped by a signal after iteration {iteration}; rerun to resume")
-    elif iteration < cfg.iterations:
-        virtex.print0(f"stopped after iteration {iteration} (--stop-after); rerun without it")
-    elif demo:
+    if not virtex.stopped_early(iteration, cfg.iterations, signalled) and demo:
         compare_with_initial_weights(run, record)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def cli(argv=None):
-    try:
+    with virtex.one_line_errors():
         main(parse_args(argv))
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"error: {virtex.error_line(e)}") from None
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
 
 
 def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(virtex, "init_processes", lambda: (0, 2, torch.device("cpu"), None))
+    monkeypatch.setattr(virtex, "init_processes", lambda: virtex.Processes(0, 2, torch.device("cpu")))
     with pytest.raises(SystemExit, match="^error: --batch-size 3 is not divisible by the 2 processes$"):
         run(toy, tmp_path, "--batch-size", "3")
 
@@ -147,7 +147,7 @@ def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, 
     alone, ranks = list(loaded), []
     for rank in range(2):  # each process of a two-process run, in turn
         loaded.clear()
-        monkeypatch.setattr(virtex, "init_processes", lambda: (rank, 2, torch.device("cpu"), None))
+        monkeypatch.setattr(virtex, "init_processes", lambda: virtex.Processes(rank, 2, torch.device("cpu")))
         run_train(tmp_path / f"rank{rank}", *flags, "--vocab", tmp_path / "alone" / "vocab.model")
         ranks.append(list(loaded))
     assert len(alone) == 16 and ranks == [alone[0:4] + alone[8:12], alone[4:8] + alone[12:16]]
