@@ -84,48 +84,6 @@ def checksum(module):
     return round(sum(p.double().sum().item() for p in tensors if p.is_floating_point()), 6)
 
 
-def shard(keys, rank=0, world=1, batch_size=64):
-    """This rank's batches of `keys`. The batches are the same whatever the number of processes
-    (dealt round-robin), so a sharded evaluation computes what an unsharded one does."""
-    batches = [keys[i:i + batch_size] for i in range(0, len(keys), batch_size)]
-    return batches[rank::world]
-
-
-class EvalSet:
-    """Batches of a dataset that never change (no augmentation): this rank's share, decoded once
-    with `cache`, its uint8 images then kept in host memory, so that every later evaluation is
-    forward passes only. Iterating yields (keys, collated batch)."""
-
-    def __init__(self, data, batches, workers=2, cache=True, collate=None):
-        self.data, self.batches, self.workers = data, batches, workers
-        self.collate = collate or torch.utils.data.default_collate
-        self.cache, self.decoded = cache, None
-
-    def __iter__(self):
-        if self.decoded is not None:
-            return zip(self.batches, self.decoded)
-        loader = torch.utils.data.DataLoader(self.data, batch_sampler=self.batches,
-                                             num_workers=self.workers, collate_fn=self.collate)
-        if not self.cache:
-            return zip(self.batches, loader)
-        self.decoded = list(loader)
-        return zip(self.batches, self.decoded)
-
-    def nbytes(self):
-        """Host memory the decoded batches hold."""
-        batches = [batch if isinstance(batch, list) else [batch] for batch in self.decoded or []]
-        return sum(t.nbytes for batch in batches for t in batch if torch.is_tensor(t))
-
-
-def gather(parts, group):
-    """Every rank's [(keys, result)], in the order of the keys, on every rank."""
-    if group is not None:
-        everyone = [None] * dist.get_world_size(group)
-        dist.all_gather_object(everyone, parts, group=group)
-        parts = [part for rank_parts in everyone for part in rank_parts]
-    return sorted(parts, key=lambda part: part[0][0])
-
-
 def features(visual, images, device, amp="bf16"):
     """(B, C) pooled layer4 features of uint8 images, through the training step's autocast and
     channels_last paths."""
@@ -144,7 +102,7 @@ def extract(visual, evalset, device, amp="bf16", group=None, desc=None):
              for keys, images in tqdm(evalset, desc=desc, total=len(evalset.batches), leave=False,
                                       dynamic_ncols=True, disable=desc is None)]
     visual.train(training)
-    return torch.cat([x for _, x in gather(parts, group)])
+    return torch.cat([x for _, x in virtex.gather(parts, group)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,15 +298,16 @@ def read_voc(root, split):
 
 class VOC07:
     """The VOC07 probe of one VOC folder at one image size: per split this rank's evaluation set
-    (decoded once, see EvalSet) and the labels; the SVM protocol's costs and folds."""
+    (decoded once, see virtex.EvalSet) and the labels; the SVM protocol's costs and folds."""
 
     def __init__(self, root, image_size, rank=0, world=1, workers=2, cache=True):
         self.root, self.image_size, self.costs, self.folds = Path(root), image_size, COSTS, 3
         self.splits = {}
         for split in ("trainval", "test"):
             paths, labels, self.classes = read_voc(root, split)
-            batches = shard(list(range(len(paths))), rank, world)
-            self.splits[split] = EvalSet(Images(paths, image_size), batches, workers, cache), labels
+            batches = virtex.shard(list(range(len(paths))), rank, world)
+            evalset = virtex.EvalSet(Images(paths, image_size), batches, workers, cache)
+            self.splits[split] = evalset, labels
 
     def features(self, visual, device, amp="bf16", group=None, progress=False):
         """{"trainval": (x, y), "test": (x, y)}, every rank extracting its share."""
@@ -395,7 +354,6 @@ def voc07(visual, root, image_size, device, amp="bf16", workers=2):
 RECIPES = {"linear": dict(lr=0.3, weight_decay=0.0, amp="off"),
            "finetune": dict(lr=0.025, weight_decay=1e-4, amp="bf16")}
 MILESTONES = (0.7, 0.9)  # x0.1 at epochs 70 and 90 of 100 (iterations 119,700, 153,900 of 171,000)
-RUNTIME = ("amp", "workers", "stop_after")  # may change when a run resumes
 
 
 class Splits(NamedTuple):
@@ -511,13 +469,13 @@ def lr_factor(step, total, finetune):
 class Run:
     """What the loop, the checkpoints and the evaluations of one classification run share."""
     recipe: Recipe
-    settings: dict  # what a resumed run must share with the run it resumes
+    settings: dict  # what made it (last.pt's "config"): a resumed run shares all but virtex.RUNTIME
     model: Classifier  # the plain module
     trained: torch.nn.Module  # what learns and last.pt holds: model.fc, or model when fine-tuning
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     out: Path
-    processes: tuple  # (rank, world, device, cpu_group) of virtex.init_processes
+    processes: virtex.Processes
     start: int = 0  # iterations done before this process started
     top: tuple = None  # (top-1, top-5) of the last evaluation
     evaluated: int = -1  # the iteration it followed
@@ -526,38 +484,25 @@ class Run:
 def start_run(visual, splits, image_size, out, recipe, processes):
     """The model (the same head in every process and every rerun) and its optimizer, resumed from
     OUT/last.pt if it exists; a last.pt of other settings or another backbone is refused."""
-    device = processes[2]
+    device = processes.device
     torch.manual_seed(recipe.seed)
     model = Classifier(visual, len(splits.classes)).to(device)
     trained = model if recipe.finetune else model.fc
     optimizer = torch.optim.SGD(trained.parameters(), recipe.lr, momentum=0.9,
                                 weight_decay=recipe.weight_decay)
-    fp16 = device.type == "cuda" and recipe.amp == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
-    settings = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in RUNTIME}
-    settings.update(image_size=image_size, classes=len(splits.classes), images=len(splits.train),
-                    backbone=checksum(visual))
+    scaler = virtex.loss_scaler(device, recipe.amp)
+    settings = dict(**dataclasses.asdict(recipe), image_size=image_size,
+                    classes=len(splits.classes), images=len(splits.train), backbone=checksum(visual))
     run = Run(recipe, settings, model, trained, optimizer, scaler, Path(out), processes)
-    last = run.out / "last.pt"
-    if last.exists():
-        checkpoint = virtex.load_checkpoint(last)
-        if not {"weights", "optimizer", "scaler", "iteration", "settings"} <= checkpoint.keys():
-            raise ValueError(f"{last}: not a probe.py checkpoint; use another --out")
-        changed = [k for k, v in settings.items() if checkpoint["settings"].get(k) != v]
-        if changed:
-            raise ValueError(f"{last}: made with other settings or another backbone "
-                             f"({', '.join(changed)}); use another --out")
-        trained.load_state_dict(checkpoint["weights"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        run.start = checkpoint["iteration"]
-        virtex.print0(f"resuming {last} at iteration {run.start}")
+    checkpoint = virtex.resume(run.out / "last.pt", "probe.py", settings, trained, optimizer,
+                               scaler)
+    run.start = checkpoint["iteration"] if checkpoint else 0
     return run
 
 
 def train_step(run, net, images, labels, step, total):
     """One iteration after `step` optimizer steps: its loss as a tensor, no sync."""
-    recipe, device = run.recipe, run.processes[2]
+    recipe, device = run.recipe, run.processes.device
     for group in run.optimizer.param_groups:
         group["lr"] = recipe.lr * lr_factor(step, total, recipe.finetune)
     with virtex.autocast(device, recipe.amp):
@@ -575,9 +520,9 @@ def evaluate(run, val, image_size):
     """(top-1, top-5) in percent on `val`, sharded across processes, the network in eval mode."""
     rank, world, device, _ = run.processes
     labels = torch.tensor([label for _, label in val])
-    batches = shard(list(range(len(val))), rank, world)
-    images = EvalSet(Images([path for path, _ in val], image_size), batches, run.recipe.workers,
-                     cache=False)
+    batches = virtex.shard(list(range(len(val))), rank, world)
+    images = virtex.EvalSet(Images([path for path, _ in val], image_size), batches,
+                            run.recipe.workers, cache=False)
     run.model.eval()
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for keys, batch in images:
@@ -593,16 +538,16 @@ def evaluate(run, val, image_size):
 
 
 def save(run, iteration):
-    if run.processes[0] == 0:
+    if run.processes.rank == 0:
         virtex.save_checkpoint(run.out / "last.pt", {
-            "weights": run.trained.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "iteration": iteration, "settings": run.settings})
+            "model": run.trained.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "iteration": iteration, "config": run.settings})
 
 
 def log_epoch(run, epoch, iteration, losses, seconds, bar):
     """The epoch's record (mean loss over processes, LR, img/s, val top-1 and top-5) into
     OUT/log.jsonl and the progress bar."""
-    recipe, world = run.recipe, run.processes[1]
+    recipe, world = run.recipe, run.processes.world
     loss = torch.stack(losses).mean()
     if dist.is_initialized():
         dist.all_reduce(loss)
@@ -612,7 +557,7 @@ def log_epoch(run, epoch, iteration, losses, seconds, bar):
               "top1": run.top[0], "top5": run.top[1]}
     bar.set_postfix(loss=f"{record['loss']:.3g}", lr=f"{record['lr']:.3g}",
                     img_s=f"{record['img_per_s']:.3g}", top1=f"{run.top[0]:.2f}")
-    if run.processes[0] == 0:
+    if run.processes.rank == 0:
         with open(run.out / "log.jsonl", "a") as log:
             log.write(json.dumps(record) + "\n")
 
@@ -620,27 +565,20 @@ def log_epoch(run, epoch, iteration, losses, seconds, bar):
 def train_epochs(run, data, val, image_size, total):
     """Iterations from run.start + 1 to `total`, --stop-after or a signal, evaluating at the end
     of each epoch and saving OUT/last.pt then and when stopping. True when it reached `total`."""
-    recipe, (rank, world, device, cpu_group) = run.recipe, run.processes
+    recipe, processes = run.recipe, run.processes
     stop = min(recipe.stop_after or total, total)
-    net = run.model
-    if dist.is_initialized():  # only what has gradients is synchronised: the head when frozen
-        ids = [device] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(run.model, ids, static_graph=True,
-                                                        gradient_as_bucket_view=True)
-    sampler = virtex.ResumableSampler(len(data), recipe.batch_size, recipe.seed, run.start, stop,
-                                      rank, world)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=recipe.workers,
-                                         pin_memory=device.type == "cuda",
-                                         worker_init_fn=virtex.ignore_interrupts)
+    net = virtex.ddp(run.model, processes.device)  # frozen: only the head is synchronised
+    loader = virtex.resumable_loader(data, recipe, run.start, stop, processes)
     desc = "fine-tuning" if recipe.finetune else "linear evaluation"
-    bar = tqdm(total=total, initial=run.start, desc=desc, disable=rank != 0, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=run.start, desc=desc, disable=processes.rank != 0,
+               dynamic_ncols=True)
     per_epoch, losses, tick = total // recipe.epochs, [], time.perf_counter()
     iteration, signalled = run.start, False
     with virtex.preemption() as preempted:
         for iteration, (images, labels) in enumerate(loader, run.start + 1):
             losses.append(train_step(run, net, images, labels, iteration - 1, total))
             bar.update()
-            signalled = virtex.any_rank(preempted, cpu_group)
+            signalled = virtex.any_rank(preempted, processes.group)
             epoch_end, seconds = iteration % per_epoch == 0, time.perf_counter() - tick
             if epoch_end or signalled or iteration == stop:  # saving first: neither a failed
                 save(run, iteration)  # evaluation nor a preemption's grace period costs training
@@ -651,11 +589,7 @@ def train_epochs(run, data, val, image_size, total):
             if signalled or iteration == stop:
                 break
     bar.close()
-    if signalled:
-        virtex.print0(f"stopped by a signal after iteration {iteration}; rerun to resume")
-    elif iteration < total:
-        virtex.print0(f"stopped after iteration {iteration} (--stop-after); rerun without it")
-    return iteration == total and not signalled
+    return not virtex.stopped_early(iteration, total, signalled)
 
 
 def classify(visual, splits, image_size, out, recipe, processes):
@@ -663,11 +597,8 @@ def classify(visual, splits, image_size, out, recipe, processes):
     the frozen backbone (eval mode: BatchNorm statistics stay), or with recipe.finetune the whole
     network (`visual` in place, BatchNorm per process in training mode, as the official). Resumes
     from OUT/last.pt; None when stopped early (--stop-after, a signal)."""
-    rank, world, _, _ = processes
-    if recipe.batch_size % world:
-        raise ValueError(f"--batch-size {recipe.batch_size} is not divisible by the {world} "
-                         "processes")
-    if rank == 0:
+    virtex.check_batch(recipe.batch_size, processes.world)
+    if processes.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
     mode, grads = visual.training, [p.requires_grad for p in visual.parameters()]
     visual.train(recipe.finetune).requires_grad_(recipe.finetune)  # frozen: autograd stays out
@@ -753,12 +684,8 @@ def benchmark(quick=False):
 
 # ----------------------------------------------------------------------------------------------
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help keeps the docstring's layout and states every default."""
-
-
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=virtex.HelpFormatter)
     g = p.add_argument_group("backbones")
     g.add_argument("--ckpt", nargs="+", default=[], help="ours or official (several: a table)")
     g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet)")
@@ -864,7 +791,7 @@ def report(results, classes, plot_to=None):
 def classification(args, found, processes):
     """--imagenet or --inaturalist: train and test every backbone (each in OUT/<its name> when
     there are several); a table of them, and the top-1 last."""
-    if processes[2].type == "cuda":
+    if processes.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolutions
     splits = read_splits(args.imagenet or args.inaturalist, args.inaturalist is not None)
     recipe = Recipe(args.finetune, args.epochs, args.batch_size, args.lr, amp=args.amp,
@@ -921,7 +848,5 @@ def plot(results, path, width=640, height=420):
 
 
 if __name__ == "__main__":
-    try:
+    with virtex.one_line_errors():
         main(get_args_parser().parse_args())
-    except (FileNotFoundError, ValueError) as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"error: {virtex.error_line(e)}") from None

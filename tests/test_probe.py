@@ -185,11 +185,11 @@ def test_cached_inputs_give_the_features_of_fresh_decoding(checkpoint, toy, monk
 
 def test_shards_are_the_same_batches_whatever_the_number_of_processes():
     keys = list(range(150))
-    alone = probe.shard(keys, batch_size=64)
-    dealt = [probe.shard(keys, rank, 2, batch_size=64) for rank in range(2)]
+    alone = virtex.shard(keys, batch_size=64)
+    dealt = [virtex.shard(keys, rank, 2, batch_size=64) for rank in range(2)]
     assert alone == [keys[:64], keys[64:128], keys[128:]] and dealt == [[keys[:64], keys[128:]], [keys[64:128]]]
     parts = [[(b, torch.tensor(b)) for b in batches] for batches in dealt]
-    assert torch.cat([x for _, x in probe.gather(parts[0] + parts[1], None)]).tolist() == keys
+    assert torch.cat([x for _, x in virtex.gather(parts[0] + parts[1], None)]).tolist() == keys
 
 
 def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):

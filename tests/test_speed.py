@@ -93,13 +93,16 @@ def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_paramet
         assert slow.stride() == p.stride()
 
 
-def test_a_resume_into_fp16_starts_a_fresh_loss_scale():
+def test_a_resume_into_fp16_starts_a_fresh_loss_scale(model, tmp_path):
     """A bf16 or fp32 run saves a disabled GradScaler, whose state is empty."""
-    scaler = torch.amp.GradScaler("cpu", enabled=True)
-    train.load_scaler(scaler, torch.amp.GradScaler("cpu", enabled=False).state_dict())
-    assert scaler.get_scale() == 2.0 ** 16
-    train.load_scaler(scaler, torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict())
-    assert scaler.get_scale() == 1024.0
+    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    for saved, scale in ((torch.amp.GradScaler("cpu", enabled=False), 2.0 ** 16),
+                         (torch.amp.GradScaler("cpu", init_scale=1024.0), 1024.0)):
+        virtex.save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "iteration": 1, "config": {},
+                                                      "optimizer": optimizer.state_dict(), "scaler": saved.state_dict()})
+        scaler = torch.amp.GradScaler("cpu", enabled=True)
+        virtex.resume(tmp_path / "last.pt", "train.py", {}, model, optimizer, scaler)
+        assert scaler.get_scale() == scale
 
 
 def test_compile_wraps_the_ddp_module(cfg, tmp_path):
