@@ -1,4 +1,5 @@
 """Bad input gets a clear answer, and no crash or signal loses a checkpoint."""
+import dataclasses
 import json
 import os
 import signal
@@ -123,6 +124,40 @@ def test_a_foreign_or_other_vocabulary_last_pt_refuses_to_resume(coco, tmp_path,
     virtex.save_checkpoint(tmp_path / "b" / "last.pt", {"model": virtex.load_checkpoint(tmp_path / "a" / "last.pt")["model"]})
     with pytest.raises(SystemExit, match="b/last.pt is not a train.py checkpoint \\(no optimizer, iteration, config, vocab\\)"):
         run(coco, tmp_path / "b", "--iterations", "4")
+
+
+def make_both_last_pts(coco, toy, out):
+    """A train.py and a probe.py last.pt (out/train, out/probe), each as its script saves it at
+    iteration 1 of an fp32 run (a disabled loss scaler); (train.py's flags, probe.py's inputs)."""
+    flags = ["--out", str(out / "train"), *TINY, "--data", str(coco), *FAST, "--amp", "off"]
+    train.save(train.prepare(train.parse_args(flags), 0, 1, torch.device("cpu"))[0], 1)
+    recipe = probe.Recipe(epochs=1, batch_size=32, workers=0, amp="off")
+    probing = (probe.load_backbone("random", "resnet18")[0], probe.read_splits(toy / "imagenet"), 32)
+    (out / "probe").mkdir()
+    probe.save(probe.start_run(*probing, out / "probe", recipe, virtex.init_processes()), 1)
+    return flags, probing, recipe
+
+
+def test_a_run_saved_without_loss_scaling_resumes_with_fp16_in_either_script(coco, toy, tmp_path, monkeypatch):
+    """On a GPU --amp fp16 scales the loss; a resume into it starts a fresh scale (here a CPU scaler
+    stands in for the GPU's)."""
+    flags, probing, recipe = make_both_last_pts(coco, toy, tmp_path)
+    monkeypatch.setattr(virtex, "loss_scaler", lambda device, amp: torch.amp.GradScaler("cpu", enabled=amp == "fp16"))
+    pretraining, _, _ = train.prepare(train.parse_args([*flags, "--amp", "fp16"]), 0, 1, torch.device("cpu"))
+    recipe = dataclasses.replace(recipe, amp="fp16")
+    linear = probe.start_run(*probing, tmp_path / "probe", recipe, virtex.init_processes())
+    for run in (pretraining, linear):
+        assert run.start == 1 and run.scaler.is_enabled() and run.scaler.get_scale() == 2.0 ** 16
+
+
+def test_the_last_pt_of_one_script_is_refused_by_the_other(coco, toy, tmp_path):
+    flags, probing, recipe = make_both_last_pts(coco, toy, tmp_path)
+    with pytest.raises(SystemExit, match="probe/last.pt is not a train.py checkpoint \\(no vocab\\)"):
+        train.cli([*flags, "--out", str(tmp_path / "probe")])
+    with pytest.raises(ValueError, match="train/last.pt: made with other settings \\(finetune, epochs, "):
+        probe.start_run(*probing, tmp_path / "train", recipe, virtex.init_processes())
+    with pytest.raises(ValueError, match="probe/last.pt: a probe.py checkpoint"):
+        virtex.load_model(tmp_path / "probe" / "last.pt")
 
 
 def test_a_pickle_that_would_run_code_is_refused(tmp_path):
