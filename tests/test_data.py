@@ -11,6 +11,7 @@ import virtex
 from conftest import TINY, run_train
 
 FAST = ["--iterations", "2", "--checkpoint-every", "100", "--batch-size", "6", "--warmup", "1"]
+FIRST, SECOND = "train2017/000000000001.jpg", "train2017/000000000002.jpg"  # of the coco fixture
 
 
 def write_rows(path, rows):
@@ -19,7 +20,7 @@ def write_rows(path, rows):
         if path.suffix == ".csv":
             csv.writer(f).writerows([("image", "caption"), *rows])
         else:
-            f.writelines(json.dumps({"image": image, "caption": caption}) + "\n" for image, caption in rows)
+            f.writelines(json.dumps({"image": image, "caption": c}) + "\n" for image, c in rows)
     return path
 
 
@@ -32,18 +33,19 @@ def rows_of(coco):
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_rows_of_an_image_are_its_captions_in_order_of_first_appearance(coco, suffix):
-    rows = write_rows(coco / f"rows{suffix}", rows_of(coco))
-    source = virtex.caption_source(rows, "train")
-    assert source.items == virtex.read_captions(coco, "train") and source.shards is None and not source.splits
+    source = virtex.caption_source(write_rows(coco / f"rows{suffix}", rows_of(coco)), "train")
+    assert source.items == virtex.read_captions(coco, "train")
+    assert source.shards is None and not source.splits  # indexed; no val split to default to
 
 
 def test_each_kind_of_data_is_told_apart_by_caption_source(coco, toy):
     rows = write_rows(coco / "rows.jsonl", rows_of(coco))
-    assert virtex.caption_source(coco, "val").splits and len(virtex.caption_source(coco, "val").items) == 4
+    folder = virtex.caption_source(coco, "val")
+    assert folder.splits and len(folder.items) == 4
     assert len(virtex.caption_source(rows, "train", stream=True).items) == 12  # a file is indexed
     pattern = f"{toy}/shards/{{00000..00011}}.tar"
     for shards in (toy / "shards", pattern, toy / "shards" / "00003.tar"):
-        streamed, indexed = (virtex.caption_source(shards, "train", stream) for stream in (True, False))
+        streamed, indexed = (virtex.caption_source(shards, "train", s) for s in (True, False))
         assert streamed.items is None and streamed.shards == virtex.expand_shards(shards)
         assert indexed.shards is None and {len(captions) for _, captions in indexed.items} == {5}
 
@@ -51,7 +53,7 @@ def test_each_kind_of_data_is_told_apart_by_caption_source(coco, toy):
 def test_a_file_of_rows_trains_exactly_as_the_coco_folder_it_lists(coco, tmp_path, monkeypatch):
     """The same images and captions in the same order: the same vocabulary, samples and weights."""
     monkeypatch.setattr(train, "evaluate", lambda *_: {})  # the data is under test, not evaluation
-    sources = [coco, write_rows(coco / "rows.jsonl", rows_of(coco)), write_rows(coco / "rows.csv", rows_of(coco))]
+    sources = [coco] + [write_rows(coco / f"rows{kind}", rows_of(coco)) for kind in (".jsonl", ".csv")]
     for k, data in enumerate(sources):
         run_train(tmp_path / str(k), "--data", data, *FAST)
     runs = [virtex.load_checkpoint(tmp_path / str(k) / "last.pt") for k in range(3)]
@@ -60,54 +62,54 @@ def test_a_file_of_rows_trains_exactly_as_the_coco_folder_it_lists(coco, tmp_pat
         assert all(torch.equal(runs[0]["model"][key], run["model"][key]) for key in run["model"])
 
 
-def test_an_absolute_path_inside_the_folder_another_name_of_an_image_and_a_quoted_comma_are_read(coco):
-    image = coco / "train2017" / "000000000001.jpg"
-    rows = [(str(image), "a red circle, left of a square"), ("train2017/../train2017/000000000001.jpg", "a square")]
+def test_an_absolute_path_inside_the_folder_another_path_of_an_image_a_quoted_comma_are_read(coco):
+    image = coco / FIRST
+    rows = [(str(image), "a red circle, left of a square"), (f"train2017/../{FIRST}", "a square")]
     items = virtex.caption_source(write_rows(coco / "rows.csv", rows), "train").items
     assert items == [(image, ["a red circle, left of a square", "a square"])]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_an_empty_caption_is_skipped_with_a_warning_naming_its_line(coco, suffix, capsys):
-    rows = [("train2017/000000000001.jpg", "  "), ("train2017/000000000002.jpg", "a red circle"),
-            ("train2017/000000000002.jpg", ""), ("train2017/000000000003.jpg", "a blue square")]
+    third = "train2017/000000000003.jpg"
+    rows = [(FIRST, "  "), (SECOND, "a red circle"), (SECOND, ""), (third, "a square")]
     path = write_rows(coco / f"rows{suffix}", rows)
     items = virtex.caption_source(path, "train").items
-    assert [(p.name, captions) for p, captions in items] == [("000000000002.jpg", ["a red circle"]),
-                                                             ("000000000003.jpg", ["a blue square"])]
+    assert [(p.name, c) for p, c in items] == [("000000000002.jpg", ["a red circle"]),
+                                               ("000000000003.jpg", ["a square"])]
     first = 1 if suffix == ".jsonl" else 2  # a CSV's line 1 is its header
-    assert f"warning: {path}: 2 empty captions skipped (line {first}, {first + 2})" in capsys.readouterr().err
+    warning = f"warning: {path}: 2 empty captions skipped (line {first}, {first + 2})"
+    assert warning in capsys.readouterr().err
 
 
-BAD_ROWS = [  # (what the file holds after a good first line, the error it gets)
-    ('{"image": "train2017/none.jpg", "caption": "a star"}', "line 2: train2017/none.jpg: no such image"),
-    ('{"image": "../outside.jpg", "caption": "a star"}', "line 2: ../outside.jpg is outside {coco}"),
-    ('{"image": "{tmp}/outside.jpg", "caption": "a star"}', "line 2: {tmp}/outside.jpg is outside {coco}"),
-    ('{"image": "train2017/000000000002.jpg", "caption": ', "line 2: not JSON"),
-    ('{"image": "train2017/000000000002.jpg"}', "line 2: no caption"),
+BAD_LINES = [  # (the second line of a .jsonl file, the error it gets)
+    ('{"image": "none.jpg", "caption": "a star"}', "line 2: none.jpg: no such image"),
+    ('{"image": "../outside.jpg", "caption": "a"}', "line 2: ../outside.jpg is outside {coco}"),
+    ('{"image": "{tmp}/outside.jpg", "caption": "a"}', "line 2: {tmp}/outside.jpg is outside"),
+    (f'{{"image": "{SECOND}", "caption": ', "line 2: not JSON"),
+    (f'{{"image": "{SECOND}"}}', "line 2: no caption"),
     ('{"caption": "a star"}', "line 2: no image"),
-    ('["train2017/000000000002.jpg", "a star"]', "line 2: not an object with image and caption"),
+    (f'["{SECOND}", "a star"]', "line 2: not an object with image and caption"),
 ]
 
 
-@pytest.mark.parametrize("line, message", BAD_ROWS)
+@pytest.mark.parametrize("line, message", BAD_LINES)
 def test_a_bad_json_line_is_refused_naming_the_file_and_line(line, message, coco, tmp_path):
-    (tmp_path / "outside.jpg").write_bytes((coco / "train2017" / "000000000001.jpg").read_bytes())
+    (tmp_path / "outside.jpg").write_bytes((coco / FIRST).read_bytes())
     path = coco / "rows.jsonl"
     fill = lambda text: text.replace("{tmp}", str(tmp_path)).replace("{coco}", str(coco))
-    path.write_text('{"image": "train2017/000000000001.jpg", "caption": "a circle"}\n' + fill(line) + "\n")
+    path.write_text(json.dumps({"image": FIRST, "caption": "a circle"}) + "\n" + fill(line) + "\n")
     with pytest.raises((FileNotFoundError, ValueError), match=f"^{path}: {fill(message)}"):
         virtex.caption_source(path, "train")
 
 
 @pytest.mark.parametrize("text, message", [
-    ("image,caption\ntrain2017/000000000001.jpg,a circle\ntrain2017/none.jpg,a star\n",
-     "line 3: train2017/none.jpg: no such image"),
+    (f"image,caption\n{FIRST},a circle\nnone.jpg,a star\n", "line 3: none.jpg: no such image"),
     ("image,caption\n../outside.jpg,a star\n", "line 2: ../outside.jpg is outside"),
-    ("image,text\ntrain2017/000000000001.jpg,a circle\n", "line 1: the header names no caption column"),
-    ("image,caption\ntrain2017/000000000001.jpg,a red circle, left of a star\n",
+    (f"image,text\n{FIRST},a circle\n", "line 1: the header names no caption column"),
+    (f"image,caption\n{FIRST},a red circle, left of a star\n",
      "line 2: 3 values for the header's 2 columns \\(an unquoted comma in a caption\\?\\)"),
-    ("image,caption\ntrain2017/000000000001.jpg\n", "line 2: 1 values for the header's 2 columns"),
+    (f"image,caption\n{FIRST}\n", "line 2: 1 values for the header's 2 columns"),
 ])
 def test_a_bad_csv_row_is_refused_naming_the_file_and_line(text, message, coco):
     path = coco / "rows.csv"
@@ -117,7 +119,7 @@ def test_a_bad_csv_row_is_refused_naming_the_file_and_line(text, message, coco):
 
 
 def test_a_bad_row_ends_a_run_with_one_line_naming_the_flag_file_and_line(coco, tmp_path):
-    path = write_rows(coco / "rows.jsonl", [("train2017/000000000001.jpg", "a circle"), ("none.jpg", "a star")])
+    path = write_rows(coco / "rows.jsonl", [(FIRST, "a circle"), ("none.jpg", "a star")])
     with pytest.raises(SystemExit, match=f"^error: --val {path}: line 2: none.jpg: no such image$"):
         train.cli(["--out", str(tmp_path), *TINY, "--data", str(coco), "--val", str(path)])
     with pytest.raises(SystemExit, match=f"^error: --data {tmp_path}/typo.jsonl: missing"):
@@ -133,5 +135,4 @@ def test_a_new_caption_source_is_one_reader_and_one_line(coco, monkeypatch):
     monkeypatch.setitem(virtex.CAPTION_SOURCES, ".tsv", read_tsv)
     path = coco / "rows.tsv"
     path.write_text("".join(f"{image}\t{caption}\n" for image, caption in rows_of(coco)))
-    assert virtex.caption_source(path, "train").items == virtex.caption_source(
-        write_rows(coco / "rows.jsonl", rows_of(coco)), "train").items
+    assert virtex.caption_source(path, "train").items == virtex.read_captions(coco, "train")
