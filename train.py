@@ -45,9 +45,10 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=virtex.HelpFormatter,
                                 epilog=f"For the toy world (no --data, or data in --toy-dir): {toy}")
     g = p.add_argument_group("input and output")
-    g.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/), or "
-                   "tar shards: 'DIR/{00000..00999}.tar' or a folder of them")
-    g.add_argument("--val", help="val split: a COCO folder or shards (none: --data's, if COCO)")
+    g.add_argument("--data", help="COCO Captions folder (annotations/, train2017/, val2017/), "
+                   "tar shards ('DIR/{00000..00999}.tar' or a folder of them), or a .jsonl/.csv "
+                   "file of image,caption rows")
+    g.add_argument("--val", help="val split: any of --data's kinds (none: --data's, if COCO)")
     g.add_argument("--voc", help="VOCdevkit/VOC2007: probe each checkpoint, keep the best")
     g.add_argument("--vocab", help="SentencePiece model (none: build one from the train captions)")
     g.add_argument("--out", default="runs/virtex", help="output folder")
@@ -112,11 +113,11 @@ def parse_args(argv=None):
     paper's defaults (flags still win)."""
     parser = get_args_parser()
     args = parser.parse_args(argv)
+    part = toy_part(args)
     if args.benchmark:
         parser.set_defaults(iterations=20)
-    elif in_toy_world(args):
-        shards = args.data is not None and virtex.is_shards(args.data)
-        parser.set_defaults(**{**TOY, "out": "runs/toy_shards" if shards else TOY["out"]})
+    elif part:  # the toy COCO's run in runs/toy, its shards' in runs/toy_shards
+        parser.set_defaults(**{**TOY, "out": TOY["out"] + ("" if part == "coco" else f"_{part}")})
     args = parser.parse_args(argv)
     if args.eval_every and args.eval_every % args.checkpoint_every:
         parser.error(f"--eval-every {args.eval_every} is not a multiple of --checkpoint-every "
@@ -127,37 +128,47 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Data and vocabulary
 
-def in_toy_world(args):
-    """No --data (the demo), or data inside --toy-dir (its COCO folder, its shards)."""
-    toy = Path(args.toy_dir).resolve()
-    return args.data is None or Path(str(args.data).split("{")[0]).resolve().is_relative_to(toy)
+def toy_part(args):
+    """The part of the toy world --data is in ("coco" without --data), or None: data outside
+    --toy-dir, for which the paper's defaults hold."""
+    if args.data is None:
+        return "coco"
+    toy, place = Path(args.toy_dir).resolve(), Path(str(args.data).split("{")[0]).resolve()
+    return (place.relative_to(toy).parts + ("coco",))[0] if place.is_relative_to(toy) else None
 
 
-def check_folders(args, rank):
-    """Point the demo at the toy world (written by rank 0), and fail now on bad input rather than
-    at the first checkpoint hours later. The val split is --data's, unless that is shards."""
-    if in_toy_world(args):
+def read_data(args, rank):
+    """(train source, val source or None) of --data and --val, read now: bad input fails here
+    rather than at the first checkpoint hours later. The demo's data is the toy world (written by
+    rank 0); --val defaults to --data's val split, where it has one (a COCO folder)."""
+    if toy_part(args):
         toy = Path(args.toy_dir)
         if rank == 0:
             virtex.make_toy_world(toy)
         virtex.barrier()
         args.data, args.val = args.data or toy / "coco", args.val or toy / "coco"
         args.voc = args.voc or toy / "voc" / "VOCdevkit" / "VOC2007"
-    shards = virtex.is_shards(args.data)
-    args.val = args.val or (None if shards else args.data)
-    for flag, folder in (("--data", args.data), ("--val", args.val), ("--voc", args.voc)):
-        if folder is not None and flag != "--voc" and virtex.is_shards(folder):
-            virtex.expand_shards(folder)  # names a missing shard
-        elif folder is not None and not Path(folder).is_dir():
-            raise SystemExit(f"error: {flag} {folder} is not a folder")
-    if shards and (args.max_images or args.task == "multilabel_classification"):
-        raise SystemExit("error: --max-images and multilabel_classification read COCO folders, "
-                         "not shards")
+    data = read_source("--data", args.data, "train", stream=True)
+    val = args.val or (args.data if data.splits else None)
+    val = read_source("--val", val, "val") if val else None
+    if data.shards and args.max_images:
+        raise SystemExit("error: --max-images picks images of an indexed source, not of shards")
     if args.voc:
+        if not Path(args.voc).is_dir():
+            raise SystemExit(f"error: --voc {args.voc} is not a folder")
         probe.read_voc(args.voc, "trainval"), probe.read_voc(args.voc, "test")
+    return data, val
 
 
-def vocabulary(args, out, rank):
+def read_source(flag, value, split, stream=False):
+    """virtex.caption_source, its bad input named with the flag that gave it."""
+    try:
+        return virtex.caption_source(value, split, stream)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {flag} {virtex.error_line(e)}") from None
+
+
+def vocabulary(args, out, rank, data):
     """--vocab, else OUT/vocab.model, built by rank 0 from the train captions on the first run."""
     path = Path(args.vocab) if args.vocab else out / "vocab.model"
     if args.vocab and not path.is_file():
@@ -165,7 +176,7 @@ def vocabulary(args, out, rank):
     if rank == 0 and not path.exists():
         size = args.vocab_size or virtex.Config.vocab_size
         virtex.print0(f"building a {size}-token vocabulary from the {args.data} train captions")
-        captions = train_captions(args.data, args.max_images, VOCAB_CAPTIONS)
+        captions = train_captions(data, args.max_images, VOCAB_CAPTIONS)
         virtex.Tokenizer.train(captions, out / "vocab", size)
     virtex.barrier()
     tokenizer = virtex.Tokenizer(path)
@@ -176,35 +187,29 @@ def vocabulary(args, out, rank):
 
 
 def train_captions(data, max_images, shard_limit):
-    """The train captions of --data: a COCO folder's (of its first `max_images` images), or the
-    first `shard_limit` of tar shards."""
-    if virtex.is_shards(data):
-        return virtex.shard_captions(virtex.expand_shards(data), shard_limit)
-    items = virtex.first_images(virtex.read_captions(data, "train"), max_images)
-    return (c for _, captions in items for c in captions)
+    """The captions of a train source: an indexed one's (of its first `max_images` images), or the
+    first `shard_limit` of streamed shards."""
+    if data.shards:
+        return virtex.shard_captions(data.shards, shard_limit)
+    return (c for _, captions in virtex.first_images(data.items, max_images) for c in captions)
 
 
-def datasets(args, tokenizer, rank=0, world=1):
-    """(config, train data, val data or None): the config takes the vocabulary's size (or, for
-    multi-label classification, the number of COCO categories + 1)."""
+def datasets(args, tokenizer, data, val, rank=0, world=1):
+    """(config, train data, val data or None) of the sources `data` and `val`: the config takes the
+    vocabulary's size (or, for multi-label classification, the number of COCO categories + 1)."""
     cfg = virtex.Config.from_dict({**vars(args), "vocab_size": len(tokenizer)})
-    captions = EncodedCaptions if args.decode == "device" else virtex.CocoCaptions
-    if virtex.is_shards(args.data):  # streamed; `captions` makes each sample
-        samples = captions(None, "train", tokenizer, cfg, items=[])
-        shards = virtex.expand_shards(args.data)
-        train_data = virtex.CaptionShards(shards, samples, cfg, rank, world)
+    captions = EncodedCaptions if args.decode == "device" else virtex.CaptioningDataset
+    items, val_items = data.items, val and val.items
+    if cfg.task == "multilabel_classification":  # the ablation's targets: COCO categories
+        items, classes = virtex.read_categories(data.path, "train")
+        val_items = val and virtex.read_categories(val.path, "val")[0]
+        cfg = dataclasses.replace(cfg, vocab_size=classes + 1)
+    if data.shards:  # streamed; `captions` makes each sample
+        samples = captions([], tokenizer, cfg)
+        train_data = virtex.CaptionShards(data.shards, samples, cfg, rank, world)
     else:
-        train_data = captions(args.data, "train", tokenizer, cfg)
-    val_data = None
-    if args.val and virtex.is_shards(args.val):  # indexed: every sample with an image and a caption
-        samples = [s for path in virtex.expand_shards(args.val) for s in virtex.shard_samples(path)[0]]
-        items = [(image, virtex.read_caption_lines(text)) for _, image, text in samples if image]
-        items = [(image, captions) for image, captions in items if captions]
-        val_data = virtex.CocoCaptions(None, "val", tokenizer, cfg, train=False, items=items)
-    elif args.val:
-        val_data = virtex.CocoCaptions(args.val, "val", tokenizer, cfg, train=False)
-    if cfg.task == "multilabel_classification":
-        cfg = dataclasses.replace(cfg, vocab_size=train_data.classes + 1)
+        train_data = captions(items, tokenizer, cfg)
+    val_data = virtex.CaptioningDataset(val_items, tokenizer, cfg, train=False) if val else None
     return cfg, train_data, val_data
 
 
@@ -218,7 +223,7 @@ NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors 
 Encoded = collections.namedtuple("Encoded", "path data size jpeg")
 
 
-class EncodedCaptions(virtex.CocoCaptions):
+class EncodedCaptions(virtex.CaptioningDataset):
     """Training samples whose image is (JPEG bytes, or the pixels of another format, decoded here;
     the drawn augmentation as 13 numbers; the path)."""
 
@@ -554,11 +559,11 @@ def compare_with_initial_weights(run, record):
 
 
 def prepare(args, rank, world, device, group=None):
-    """(run, train data, val data): folders checked, vocabulary built or read, run resumed."""
-    check_folders(args, rank)
+    """(run, train data, val data): data read, vocabulary built or read, run resumed."""
+    data, val = read_data(args, rank)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    tokenizer = vocabulary(args, Path(args.out), rank)
-    cfg, train_data, val_data = datasets(args, tokenizer, rank, world)
+    tokenizer = vocabulary(args, Path(args.out), rank, data)
+    cfg, train_data, val_data = datasets(args, tokenizer, data, val, rank, world)
     run = build(args, cfg, tokenizer, device, rank, world, group)
     readers = train_data.readers if isinstance(train_data, virtex.CaptionShards) else None
     if run.start and readers != (run.shards or {}).get("readers"):
@@ -629,12 +634,13 @@ def benchmark_loader(args, cfg, device):
     """Images per second out of the training data path: the DataLoader (read, decode, augment,
     tokenise, collate) and, with --decode device, the decoding and augmentation on `device`."""
     with tempfile.TemporaryDirectory() as tmp:
-        args.data, args.val = args.data or coco_sized_jpegs(Path(tmp) / "coco"), None
+        args.data = args.data or coco_sized_jpegs(Path(tmp) / "coco")
+        source = virtex.caption_source(args.data, "train", stream=True)
         if args.vocab:
             tokenizer = virtex.Tokenizer(args.vocab)
         else:  # a small vocabulary from a sample of the captions: enough to time tokenising
-            tokenizer = virtex.Tokenizer.train(train_captions(args.data, 5000, 5000), vocab_size=128)
-        _, data, _ = datasets(args, tokenizer)
+            tokenizer = virtex.Tokenizer.train(train_captions(source, 5000, 5000), vocab_size=128)
+        _, data, _ = datasets(args, tokenizer, source, None)
         warmup = 2 * max(1, cfg.workers)  # what the workers prefetch while starting: not steady
         stop, alone = warmup + cfg.iterations, virtex.Processes(0, 1, device)
         loader = virtex.resumable_loader(data, cfg, 0, stop, alone, virtex.collate)

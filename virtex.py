@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import csv
 import hashlib
 import io
 import json
@@ -278,7 +279,10 @@ def read_captions(root, split):
     unknown = [i for i in captions if i not in files]
     if unknown:
         raise ValueError(f"{path}: captions of image id {unknown[0]}, which is not in its image list")
-    items = [(root / f"{split}2017" / files[i], texts) for i, texts in captions.items() if texts]
+    images = root / f"{split}2017"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: missing (the {split} images)")
+    items = [(images / files[i], texts) for i, texts in captions.items() if texts]
     if len(items) < len(captions):
         print(f"warning: {path}: {len(captions) - len(items)} images without a non-empty caption "
               "skipped", file=sys.stderr)
@@ -307,19 +311,14 @@ def first_images(items, n):
     """The pretraining subset of --max-images N: the same N images (smallest ids) for every task."""
     return sorted(items, key=lambda item: item[0].name)[:n] if n else items
 
-class CocoCaptions(torch.utils.data.Dataset):
-    """One image and one of its captions, as (uint8 image, [SOS] tokens [EOS]). Indexed by (image
-    index, seed): the seed alone decides the caption drawn and the augmentation."""
+class CaptioningDataset(torch.utils.data.Dataset):
+    """One image and one of its captions, as (uint8 image, [SOS] tokens [EOS]), from the items of
+    any source (`caption_source`; a training set: the first --max-images), or a list of categories
+    (`read_categories`) as its own target. Indexed by (image index, seed): the seed alone decides
+    the caption drawn and the augmentation. train.py's --decode device overrides `open`, `augment`."""
 
-    def __init__(self, root, split, tokenizer, cfg, train=True, items=None):
-        # Multi-label classification (an ablation) reads categories where the others read captions.
-        self.categories = cfg.task == "multilabel_classification"
-        read = read_categories if self.categories else lambda *a: (read_captions(*a), None)
-        self.items, self.classes = read(root, split) if items is None else (items, None)  # shards'
-        if items is None and not (Path(root) / f"{split}2017").is_dir():
-            raise FileNotFoundError(f"{Path(root) / f'{split}2017'}: missing (the {split} images)")
-        if train:
-            self.items = first_images(self.items, cfg.max_images)
+    def __init__(self, items, tokenizer, cfg, train=True):
+        self.items = first_images(items, cfg.max_images) if train else items
         self.tokenizer, self.train = tokenizer, train
         self.size, self.crop_scale, self.max_length = cfg.image_size, cfg.crop_scale, cfg.max_length
 
@@ -358,7 +357,7 @@ class CocoCaptions(torch.utils.data.Dataset):
         return augment(image, augmentation, self.size)
 
     def tokens(self, caption, flipped=False):
-        if self.categories:
+        if not isinstance(caption, str):  # category indices: multi-label classification
             return torch.tensor(caption)
         # Truncation keeps the first max_length ids: a cut caption has no [EOS], as in the official.
         text = swap_left_right(caption) if flipped else caption
@@ -1158,12 +1157,6 @@ def expand_braces(pattern):
             for path in expand_braces(f"{head}{i:0{len(first)}d}{tail}")]
 
 
-def is_shards(data):
-    """--data names tar shards (a brace pattern, a .tar, or a folder of them), not a COCO folder."""
-    data = str(data)
-    return "{" in data or data.endswith(".tar") or any(Path(data).glob("*.tar"))
-
-
 def expand_shards(data):
     """The sorted shard paths of a brace pattern or of a folder of .tar files; all must exist."""
     folder = Path(data).is_dir()
@@ -1237,8 +1230,8 @@ class CaptionShards(torch.utils.data.IterableDataset):
     unreadable, (reader, epoch, shard, sample) to resume from). Reader r = rank * W + worker (W
     loader workers, rotated by the starting iteration so that iteration i comes from reader
     i % W of its rank, whatever the resumes) reads its share of a permutation of the shards in
-    each epoch, each shard's samples in an order of their own; `samples` (a CocoCaptions) makes
-    each sample."""
+    each epoch, each shard's samples in an order of their own; `samples` (a CaptioningDataset,
+    its items unused) makes each sample, as the indexed sources' samples are made."""
 
     def __init__(self, shards, samples, cfg, rank=0, world=1, start=0, positions=None):
         self.shards, self.samples, self.cfg = shards, samples, cfg
@@ -1293,6 +1286,138 @@ class CaptionShards(torch.utils.data.IterableDataset):
         except UNREADABLE as e:
             return None, f"{image}: {e}"
         return self.samples.sample(opened, captions, torch.Generator().manual_seed(seed), []), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Caption sources: what --data and --val name, told apart in `caption_source` alone. A reader per
+# kind turns one into items [(image, [captions])], an image's captions in order of first
+# appearance; another source is one reader and its line in CAPTION_SOURCES. Files of rows, JSON
+# lines or CSV, hold one {image, caption} a row, image paths relative to the file's folder.
+
+def read_text(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing ({what})")
+    try:
+        return path.read_text(encoding="utf-8-sig")  # a CSV saved by a spreadsheet opens with a BOM
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+
+
+def read_shards(data, split=None):
+    """Tar shards, indexed (for evaluation): every sample with an image and a caption."""
+    samples = [s for path in expand_shards(data) for s in shard_samples(path)[0]]
+    items = [(image, read_caption_lines(text)) for _, image, text in samples if image]
+    items = [(image, captions) for image, captions in items if captions]
+    if not items:
+        raise ValueError(f"{data}: no sample with an image and a caption")
+    return items
+
+
+def read_json_lines(path, split=None):  # a file is one split
+    """A .jsonl file: one {"image": ..., "caption": ...} object a line (other keys are ignored)."""
+    lines = enumerate(read_text(path, "JSON lines of image and caption").split("\n"), 1)
+    return caption_rows(path, ((n, json_row(path, n, line)) for n, line in lines if line.strip()))
+
+
+def json_row(path, number, line):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {number}: not JSON ({e.msg})") from None
+
+
+def read_csv_rows(path, split=None):  # a file is one split
+    """A .csv file whose header names its image and caption columns (others are ignored). A caption
+    with a comma is quoted, as CSV writers do: a row of more (or fewer) values is refused."""
+    reader = csv.reader(io.StringIO(read_text(path, "CSV of image and caption"), newline=""))
+    header = next(reader, [])
+    missing = [column for column in ("image", "caption") if column not in header]
+    if missing:
+        raise ValueError(f"{path}: line 1: the header names no {missing[0]} column (image,caption)")
+    return caption_rows(path, csv_dicts(path, reader, header))
+
+
+def csv_dicts(path, reader, header):
+    for fields in filter(None, reader):  # blank lines are no rows
+        if len(fields) != len(header):
+            raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} values for the header's "
+                             f"{len(header)} columns (an unquoted comma in a caption?)")
+        yield reader.line_num, dict(zip(header, fields))
+
+
+def caption_rows(path, rows):
+    """The items of a file's (line number, row) pairs. An empty caption is skipped with a warning,
+    as in COCO and shards (an image left without one is dropped): one bad row of millions should
+    not stop a run, and it is named. A missing image, or a path outside the file's folder, is
+    refused."""
+    folder = os.path.abspath(Path(path).parent)
+    captions, empty = {}, []
+    for line, row in rows:
+        where = f"{path}: line {line}"
+        image = row_image(where, folder, row)
+        if image not in captions and not os.path.isfile(image):  # a look per image, not per row
+            raise FileNotFoundError(f"{where}: {row['image']}: no such image")
+        text = row["caption"].strip() if isinstance(row["caption"], str) else ""
+        captions.setdefault(image, []).extend([text] if text else [])
+        empty += [] if text else [line]
+    if empty:
+        lines = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        print(f"warning: {path}: {len(empty)} empty captions skipped (line {lines})",
+              file=sys.stderr)
+    items = [(Path(image), texts) for image, texts in captions.items() if texts]
+    if not items:
+        raise ValueError(f"{path}: no captions")
+    return items
+
+
+def row_image(where, folder, row):
+    """The image a row names. The file and its folder are the data set, moved and shared as one, so
+    a path that leaves the folder is refused (checked on the path as written: a symlink inside the
+    folder may point anywhere)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: not an object with image and caption")
+    missing = [key for key in ("image", "caption") if key not in row]
+    if missing or not isinstance(row["image"], str) or not row["image"].strip():
+        raise ValueError(f"{where}: no {missing[0] if missing else 'image'}")
+    image = os.path.normpath(os.path.join(folder, row["image"]))  # strings: millions of rows
+    if os.path.commonpath([folder, image]) != folder:
+        raise ValueError(f"{where}: {row['image']} is outside {folder}, the file's folder")
+    return image
+
+
+CAPTION_SOURCES = {  # kind -> reader: (what --data or --val names, split) -> [(image, [captions])]
+    "coco": read_captions,  # a folder: annotations/captions_{split}2017.json + {split}2017/
+    "shards": read_shards,  # a brace pattern, a .tar or a folder of them; streamed in training
+    ".jsonl": read_json_lines,
+    ".csv": read_csv_rows,
+}
+
+
+class Source(NamedTuple):
+    """What --data or --val names (`path`), read: `items` [(image, [captions])] to index, or
+    `shards` (tar paths) for CaptionShards to stream; `splits`: it holds the other splits too (a
+    COCO folder), so --val defaults to it."""
+    path: str
+    items: list = None
+    shards: list = None
+    splits: bool = False
+
+
+def caption_source(data, split, stream=False):
+    """The one place that tells sources apart: tar shards (a brace pattern, a .tar or a folder of
+    them), a file whose suffix is a key of CAPTION_SOURCES, else a COCO folder. Training from shards
+    (`stream`) reads them as it goes; every other source, and shards for evaluation, is indexed."""
+    text, suffix = str(data), Path(str(data)).suffix.lower()
+    if "{" in text or suffix == ".tar" or any(Path(text).glob("*.tar")):
+        kind = "shards"
+    else:
+        kind = suffix if suffix in CAPTION_SOURCES else "coco"
+    if kind == "coco" and not Path(text).is_dir():
+        raise FileNotFoundError(f"{data} is not a folder")
+    if stream and kind == "shards":
+        return Source(data, shards=expand_shards(data))
+    return Source(data, CAPTION_SOURCES[kind](data, split), splits=kind == "coco")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def test_brace_patterns_and_folders_name_the_same_sorted_shards(toy):
 def test_every_reader_gets_shards_of_its_own_or_a_clear_error(toy, tokenizer, cfg):
     from dataclasses import replace
     shards = virtex.expand_shards(toy / "shards")
-    samples = virtex.CocoCaptions(None, "train", tokenizer, cfg, items=[])
+    samples = virtex.CaptioningDataset([], tokenizer, cfg)
     with pytest.raises(ValueError, match="12 shards for 4 processes x 4 loader workers"):
         virtex.CaptionShards(shards, samples, replace(cfg, workers=4), rank=0, world=4)
     streams = [iter(virtex.CaptionShards(shards, samples, replace(cfg, workers=0), r, 2)) for r in range(2)]
@@ -35,7 +35,7 @@ def test_every_reader_gets_shards_of_its_own_or_a_clear_error(toy, tokenizer, cf
 
 def test_every_epoch_reads_the_shards_in_a_new_order(toy, tokenizer, cfg):
     from dataclasses import replace
-    samples = virtex.CocoCaptions(None, "train", tokenizer, cfg, items=[])
+    samples = virtex.CaptioningDataset([], tokenizer, cfg)
     stream = iter(virtex.CaptionShards(virtex.expand_shards(toy / "shards"), samples, replace(cfg, workers=0, batch_size=8)))
     batches = [next(stream) for _ in range(12)]  # two epochs of the 48 toy images
     assert [batch[4][1] for batch in batches] == [0] * 6 + [1] * 6  # the epoch of the next sample

@@ -150,8 +150,9 @@ def test_both_decode_paths_draw_the_same_samples_and_agree_in_pixels(tmp_path, t
     from dataclasses import replace
     cfg = replace(cfg, crop_scale=0.2)
     root = scenes_with_captions(tmp_path)
-    loader_path = virtex.CocoCaptions(root, "train", tokenizer, cfg)
-    device_path = train.EncodedCaptions(root, "train", tokenizer, cfg)
+    items = virtex.read_captions(root, "train")
+    loader_path = virtex.CaptioningDataset(items, tokenizer, cfg)
+    device_path = train.EncodedCaptions(items, tokenizer, cfg)
     keys = [(i % 6, seed) for i, seed in enumerate(range(100, 124))]
     expected = virtex.collate([loader_path[k] for k in keys])
     images, tokens, lengths, _ = train.decode_on_device(virtex.collate([device_path[k] for k in keys]),
@@ -165,7 +166,7 @@ def test_both_decode_paths_draw_the_same_samples_and_agree_in_pixels(tmp_path, t
 
 def test_a_jpeg_that_does_not_decode_on_the_device_is_replaced_and_named(tmp_path, tokenizer, cfg):
     root = scenes_with_captions(tmp_path, n=2)
-    data = train.EncodedCaptions(root, "train", tokenizer, cfg)
+    data = train.EncodedCaptions(virtex.read_captions(root, "train"), tokenizer, cfg)
     (pixels, numbers, path), tokens, skipped = data[(1, 0)]
     broken = (torch.cat([pixels[:200], torch.zeros(100, dtype=torch.uint8)]), numbers, "broken.jpg")
     batch = virtex.collate([data[(0, 0)], (broken, tokens, skipped)])

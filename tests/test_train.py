@@ -138,8 +138,8 @@ def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(to
 
 def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, monkeypatch):
     loaded = []
-    getitem = virtex.CocoCaptions.__getitem__
-    monkeypatch.setattr(virtex.CocoCaptions, "__getitem__",
+    getitem = virtex.CaptioningDataset.__getitem__
+    monkeypatch.setattr(virtex.CaptioningDataset, "__getitem__",
                         lambda self, key: loaded.extend([key[0]] if self.train else []) or getitem(self, key))
     monkeypatch.setattr(train, "evaluate", lambda *_: {})  # alone, a rank would wait for the others
     flags = ["--data", toy / "coco", "--iterations", "2", "--checkpoint-every", "100"]

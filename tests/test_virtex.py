@@ -81,7 +81,8 @@ def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
     image.save(tmp_path / "train2017" / "1.jpg")
     (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps({
         "images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"id": 1, "image_id": 1, "caption": "A red circle Left of a blue circle"}]}))
-    data = virtex.CocoCaptions(tmp_path, "train", tokenizer, dataclasses.replace(cfg, crop_scale=1.0))
+    data = virtex.CaptioningDataset(virtex.read_captions(tmp_path, "train"), tokenizer,
+                                    dataclasses.replace(cfg, crop_scale=1.0))
     seen = set()
     for seed in range(20):
         image, tokens, _ = data[(0, seed)]
@@ -115,7 +116,7 @@ def test_the_network_input_is_the_imagenet_normalised_image():
 
 
 def test_dataset_groups_captions_and_pads_batches(coco, tokenizer, cfg):
-    data = virtex.CocoCaptions(coco, "train", tokenizer, cfg)
+    data = virtex.CaptioningDataset(virtex.read_captions(coco, "train"), tokenizer, cfg)
     assert len(data) == 12 and all(len(caps) == 3 for _, caps in data.items)
     image, tokens, skipped = data[(0, 123)]
     assert image.shape == (3, 64, 64)
@@ -126,7 +127,7 @@ def test_dataset_groups_captions_and_pads_batches(coco, tokenizer, cfg):
 
 
 def test_samples_are_a_function_of_their_seed(coco, tokenizer, cfg):
-    data = virtex.CocoCaptions(coco, "train", tokenizer, cfg)
+    data = virtex.CaptioningDataset(virtex.read_captions(coco, "train"), tokenizer, cfg)
     a, b, c = data[(3, 7)], data[(3, 7)], data[(3, 8)]
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
@@ -134,7 +135,7 @@ def test_samples_are_a_function_of_their_seed(coco, tokenizer, cfg):
 
 def test_long_captions_are_cut_to_max_length_without_eos(tmp_path, tokenizer, cfg):
     write_coco(tmp_path, "val", 1)
-    data = virtex.CocoCaptions(tmp_path, "val", tokenizer, cfg, train=False)
+    data = virtex.CaptioningDataset(virtex.read_captions(tmp_path, "val"), tokenizer, cfg, False)
     data.items[0] = (data.items[0][0], [" ".join(["red circle"] * 40)])
     tokens = data[(0, 0)][1]
     assert len(tokens) == 30 and tokens[0] == virtex.SOS and virtex.EOS not in tokens.tolist()
@@ -152,9 +153,9 @@ def test_stream_shards_every_global_batch_disjointly_and_resumes():
     assert len({seed for batch in full for _, seed in batch}) == 24  # every sample draws on its own
 
 
-def test_missing_annotation_file_is_named(tmp_path, tokenizer, cfg):
+def test_missing_annotation_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="captions_train2017.json"):
-        virtex.CocoCaptions(tmp_path, "train", tokenizer, cfg)
+        virtex.read_captions(tmp_path, "train")
 
 
 # -- model -------------------------------------------------------------------------------------
@@ -455,8 +456,9 @@ def test_multilabel_dataset_reads_coco_instances(tmp_path, tokenizer, cfg):
         "categories": [{"id": 17, "name": "cat"}, {"id": 3, "name": "car"}],
         "annotations": [{"image_id": 1, "category_id": 3}, {"image_id": 1, "category_id": 17},
                         {"image_id": 1, "category_id": 3}, {"image_id": 3, "category_id": 17}]}))
-    data = virtex.CocoCaptions(tmp_path, "train", tokenizer, dataclasses.replace(cfg, task="multilabel_classification"))
-    assert data.classes == 2 and len(data) == 2  # image 2 has no objects
+    items, classes = virtex.read_categories(tmp_path, "train")
+    data = virtex.CaptioningDataset(items, tokenizer, cfg)  # a list of categories is its own target
+    assert classes == 2 and len(data) == 2  # image 2 has no objects
     assert data[(0, 0)][1].tolist() == [1, 2] and data[(1, 0)][1].tolist() == [1]
 
 
@@ -468,10 +470,13 @@ def test_max_images_is_the_same_train_subset_for_every_task(coco, tokenizer, cfg
     (coco / "annotations" / "instances_train2017.json").write_text(json.dumps({
         "images": captions["images"], "categories": [{"id": 1, "name": "thing"}],
         "annotations": [{"image_id": i["id"], "category_id": 1} for i in captions["images"]]}))
-    subsets = [[p.name for p, _ in virtex.CocoCaptions(coco, "train", tokenizer, dataclasses.replace(cfg, task=t, max_images=5)).items]
-               for t in ("bicaptioning", "multilabel_classification")]
+    five = dataclasses.replace(cfg, max_images=5)
+    tasks = virtex.read_captions(coco, "train"), virtex.read_categories(coco, "train")[0]
+    subsets = [[p.name for p, _ in virtex.CaptioningDataset(items, tokenizer, five).items]
+               for items in tasks]
     assert subsets[0] == subsets[1] == [f"{i:012d}.jpg" for i in range(1, 6)]
-    assert len(virtex.CocoCaptions(coco, "val", tokenizer, dataclasses.replace(cfg, max_images=2), train=False)) == 4
+    two = dataclasses.replace(cfg, max_images=2)
+    assert len(virtex.CaptioningDataset(virtex.read_captions(coco, "val"), tokenizer, two, train=False)) == 4
 
 
 # -- captioning you can see --------------------------------------------------------------------
