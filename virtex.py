@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -914,22 +915,29 @@ def vit_image_size(state):
 
 COCO_CATEGORIES = 80  # the multi-label ablation predicts these (+ 1 padding class)
 
+@functools.lru_cache(maxsize=None)
+def torchvision_shapes(name, image_size):
+    """({key: shape} of the backbone's torchvision model, {its classifier: what Visual removes}),
+    built once on the meta device; ({}, set()) for a ViT whose patches do not tile the size."""
+    try:
+        with torch.device("meta"):
+            model = Visual(name, image_size).torchvision_model()
+    except ValueError:
+        return {}, set()
+    classifier = {n for n, m in model.named_children() if isinstance(m, nn.Identity)}  # fc, heads
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, classifier
+
 def infer_backbone(state):
     """(name, image size) of the backbone whose torchvision model has exactly the weight shapes of
-    `state` (a torchvision state dict; its classifier, one top-level module more, may be there)."""
+    `state` (a torchvision state dict, with or without the classifier)."""
     size = vit_image_size(state)
     names = RESNETS if size is None else VITS + list(SMALL_VITS)
     size = size or 224  # a ResNet's weights fit any size: the paper's
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     for name in names:
-        try:
-            with torch.device("meta"):
-                ours = Visual(name, size).torchvision_model().state_dict()
-        except ValueError:  # a ViT whose patches do not tile that size
-            continue
-        ours = {k: tuple(v.shape) for k, v in ours.items()}
+        ours, classifier = torchvision_shapes(name, size)
         extra = {k.split(".")[0] for k in shapes.keys() - ours}  # top-level modules
-        if ours.items() <= shapes.items() and len(extra) <= 1:
+        if ours and ours.items() <= shapes.items() and extra <= classifier:
             return name, size
     raise ValueError("the weights match no torchvision ResNet or ViT")
 
