@@ -33,20 +33,16 @@ from tqdm import tqdm
 import virtex
 
 # ----------------------------------------------------------------------------------------------
-# Backbones: ours, the official code's, a torchvision ResNet, or a random initialisation
+# Backbones: ours, the official code's, a torchvision ResNet or ViT, or a random initialisation
 
-def load_backbone(init, backbone="resnet50", seed=0):
-    """(visual, 224) for --init random (seeded) or --init torchvision:PATH (a ResNet state dict)."""
+def load_backbone(init, backbone="resnet50", seed=0, image_size=224):
+    """(visual, image size) for --init random (seeded) or --init torchvision:PATH (the state dict
+    of a torchvision ResNet or ViT, which the ViT's image size is read from)."""
     if init == "random":
         torch.manual_seed(seed)
-        return virtex.Visual(backbone), 224
+        return virtex.Visual(backbone, image_size), image_size
     if init and init.startswith("torchvision:"):
-        path = init.split(":", 1)[1]
-        state = {k: v for k, v in virtex.load_checkpoint(path).items() if not k.startswith("fc.")}
-        name = virtex.infer_backbone({f"visual.cnn.{k}": v for k, v in state.items()})
-        visual = virtex.Visual(name)
-        visual.cnn.load_state_dict(state)
-        return visual, 224
+        return virtex.visual_from_torchvision(virtex.load_checkpoint(init.split(":", 1)[1]))
     raise ValueError(f"--init must be 'random' or 'torchvision:PATH', not {init!r}")
 
 
@@ -688,8 +684,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=virtex.HelpFormatter)
     g = p.add_argument_group("backbones")
     g.add_argument("--ckpt", nargs="+", default=[], help="ours or official (several: a table)")
-    g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet)")
-    g.add_argument("--backbone", default="resnet50", help="the ResNet of --init random")
+    g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet or ViT)")
+    g.add_argument("--backbone", default="resnet50", help="the ResNet or ViT of --init random")
     g.add_argument("--image-size", type=int, help="(none: the checkpoint's, else 224)")
     g = p.add_argument_group("VOC07 SVMs")
     g.add_argument("--voc", help="VOCdevkit/VOC2007 folder (none: the toy world's)")
@@ -726,7 +722,7 @@ def backbones(args):
         model, _ = virtex.load_model(path)
         found.append((str(path), model.visual, model.cfg.image_size, model.cfg))
     if args.init:
-        visual, size = load_backbone(args.init, args.backbone)
+        visual, size = load_backbone(args.init, args.backbone, image_size=args.image_size or 224)
         found.append((args.init, visual, size, None))
     if not found:
         raise ValueError("nothing to probe: give --ckpt and/or --init")

@@ -55,7 +55,8 @@ def get_args_parser():
     g.add_argument("--toy-dir", default="data/toy", help="where the toy world is written")
     g = p.add_argument_group("model (the paper's best: R-50, L1 H2048)")
     g.add_argument("--task", default=d.task, choices=virtex.TASKS, help="pretraining task")
-    g.add_argument("--backbone", default=d.backbone, help="torchvision ResNet")
+    g.add_argument("--backbone", default=d.backbone,
+                   help="torchvision ResNet or ViT (vit_b_16, ...; vit_tiny_8 for the toy)")
     g.add_argument("--layers", type=int, default=d.layers, help="decoder layers")
     g.add_argument("--hidden", type=int, default=d.hidden, help="decoder width H")
     g.add_argument("--heads", type=int, help="attention heads (none: H/64)")
@@ -73,7 +74,7 @@ def get_args_parser():
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"], help="inner")
     g.add_argument("--lr", type=float, default=d.lr, help="LR of the textual head")
-    g.add_argument("--cnn-lr", type=float, default=d.cnn_lr, help="LR of the CNN")
+    g.add_argument("--cnn-lr", type=float, default=d.cnn_lr, help="LR of the backbone")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty")
     g.add_argument("--lookahead-k", type=int, default=d.lookahead_k, help="steps per LookAhead")

@@ -22,6 +22,7 @@ import collections
 import contextlib
 import copy
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -56,7 +57,7 @@ class Config:
     """Every setting of a run. Defaults are the paper's best model, bicaptioning_R_50_L1_H2048."""
     # model
     task: str = "bicaptioning"
-    backbone: str = "resnet50"  # any torchvision ResNet
+    backbone: str = "resnet50"  # any torchvision ResNet, or a ViT (see vision_transformer)
     layers: int = 1
     hidden: int = 2048
     heads: int = None  # None: hidden // 64, the official convention
@@ -73,8 +74,8 @@ class Config:
     workers: int = 4  # DataLoader processes per training process
     # optimisation
     optimizer: str = "sgd"  # "adamw" is the official code's other choice
-    lr: float = 1e-3  # everything but the CNN
-    cnn_lr: float = 0.2
+    lr: float = 1e-3  # everything but the backbone
+    cnn_lr: float = 0.2  # the backbone (the paper's CNN)
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lookahead_k: int = 5
@@ -95,8 +96,6 @@ class Config:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, not {self.task!r}")
         if self.hidden % self.heads:
             raise ValueError(f"hidden size {self.hidden} is not divisible by {self.heads} heads")
-        if self.image_size < 32:
-            raise ValueError(f"image size {self.image_size} is too small: a ResNet needs 32 px")
         if self.batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
         if self.amp not in ("bf16", "fp16", "off"):
@@ -398,22 +397,37 @@ class ResumableSampler(torch.utils.data.Sampler):
             yield [(self.order(p // self.n)[p % self.n], mix_seed(self.seed, p)) for p in positions]
 
 # ----------------------------------------------------------------------------------------------
-# Visual backbone: a torchvision ResNet trained from scratch; its layer4 grid feeds the heads
+# Visual backbone: a torchvision ResNet trained from scratch, its layer4 grid feeds the heads (or a
+# ViT's patch tokens, see vision_transformer). The one place that knows which: the rest asks Visual.
 
 class Visual(nn.Module):
-    def __init__(self, name="resnet50"):
+    def __init__(self, name="resnet50", image_size=224):
         super().__init__()
         if name not in RESNETS:
-            raise ValueError(f"backbone must be a torchvision ResNet ({', '.join(RESNETS)}), not {name!r}")
+            self.vit = vision_transformer(name, image_size)  # not the paper's: below the banner
+            self.channels = self.vit.hidden_dim
+            return
+        if image_size < 32:
+            raise ValueError(f"image size {image_size} is too small: a ResNet needs 32 px")
         # zero_init_residual: every residual branch starts as identity (the official setting)
         self.cnn = getattr(torchvision.models, name)(zero_init_residual=True)
         self.channels = self.cnn.fc.in_features
         self.cnn.fc = nn.Identity()  # no fc.* keys, as in the official state dict
 
-    def forward(self, images):  # (B, 3, S, S) -> (B, C, S/32, S/32)
+    def forward(self, images):  # (B, 3, S, S) -> (B, C, S/32, S/32), or a ViT's (B, D, S/p, S/p)
+        if hasattr(self, "vit"):
+            return patch_grid(self.vit, images)
         c = self.cnn
         x = c.maxpool(c.relu(c.bn1(c.conv1(images))))
         return c.layer4(c.layer3(c.layer2(c.layer1(x))))
+
+    def no_weight_decay(self, name):
+        """A ResNet decays every parameter, BatchNorms too (the official); a ViT: see
+        vit_no_weight_decay."""
+        return hasattr(self, "vit") and vit_no_weight_decay(name, self.get_parameter(name))
+
+    def torchvision_model(self):  # its classifier removed: what export writes and --init loads
+        return self.vit if hasattr(self, "vit") else self.cnn
 
 def pooled(grid):
     """(B, C, h, w) -> (B, C): the global average pool the classification tasks and probes read."""
@@ -571,7 +585,7 @@ class VirTex(nn.Module):
     def __init__(self, cfg=None):
         super().__init__()
         self.cfg = cfg = cfg or Config()
-        self.visual = Visual(cfg.backbone)
+        self.visual = Visual(cfg.backbone, cfg.image_size)
         if cfg.classification:  # one linear layer on the pooled grid, named as the official's
             self.textual = nn.ModuleDict({"output": nn.Linear(self.visual.channels, cfg.vocab_size)})
             return
@@ -731,12 +745,15 @@ def no_weight_decay(name):
     return in_heads and ("norm" in name or "bias" in name)
 
 def param_groups(model, cfg):
-    """The backbone (model.visual) at cnn_lr, the rest at lr; each split by weight decay."""
-    backbone = {id(p) for p in model.visual.parameters()}
+    """The backbone (model.visual) at cnn_lr, the rest at lr; each split by weight decay (the
+    backbone's own rule, Visual.no_weight_decay)."""
     groups = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((id(p) in backbone, not no_weight_decay(name)), []).append(p)
+            backbone = name.startswith("visual.")
+            own = name[len("visual."):]
+            exempt = model.visual.no_weight_decay(own) if backbone else no_weight_decay(name)
+            groups.setdefault((backbone, not exempt), []).append(p)
     return [{"params": params, "lr": cfg.cnn_lr if cnn else cfg.lr,
              "initial_lr": cfg.cnn_lr if cnn else cfg.lr,
              "weight_decay": cfg.weight_decay if decay else 0.0}
@@ -771,8 +788,8 @@ def set_lr(optimizer, step, cfg):
 def state_dict_of(checkpoint, path="checkpoint"):
     """The model's state dict inside a checkpoint (ours, the official one) or a bare state dict."""
     state = checkpoint.get("model", checkpoint)
-    if not isinstance(state, dict) or not any(k.startswith("visual.cnn.") for k in state):
-        raise ValueError(f"{path}: not a VirTex checkpoint (no visual.cnn.* weights)")
+    if not isinstance(state, dict) or not any(k.startswith("visual.") for k in state):
+        raise ValueError(f"{path}: not a VirTex checkpoint (no visual.* weights)")
     return state
 
 def load_weights(model, state, path):
@@ -843,25 +860,101 @@ def cider(candidates, references, n=4, sigma=6.0):
     return sum(scores.values()) / len(scores), scores
 
 # ----------------------------------------------------------------------------------------------
+# After VirTex: a Vision Transformer backbone (Dosovitskiy et al. 2021), what Visual builds for any
+# --backbone that is not a ResNet. Its patch tokens are the grid the heads attend to.
+
+VITS = [name for name in torchvision.models.vision_transformer.__all__ if name[0].islower()]
+# One the toy world trains in minutes: ViT-Ti's width at half its depth, 8-px patches (8x8 at 64 px)
+SMALL_VITS = {"vit_tiny_8": dict(patch_size=8, num_layers=6, num_heads=3, hidden_dim=192,
+                                 mlp_dim=768)}
+BACKBONES = RESNETS + VITS + list(SMALL_VITS)
+
+def vision_transformer(name, image_size):
+    """torchvision's ViT of that name (or SMALL_VITS's) for images of `image_size` px, without its
+    classifier."""
+    if name not in BACKBONES:
+        raise ValueError(f"backbone must be a torchvision ResNet or ViT ({', '.join(BACKBONES)}), "
+                         f"not {name!r}")
+    small = SMALL_VITS.get(name)
+    patch = small["patch_size"] if small else int(name.rsplit("_", 1)[1])  # vit_b_16: 16
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not divisible by {name}'s patch size {patch}")
+    if small:
+        vit = torchvision.models.VisionTransformer(image_size, **small)
+    else:
+        vit = getattr(torchvision.models, name)(image_size=image_size)
+    vit.heads = nn.Identity()  # no heads.* keys: the exported weights are torchvision's but these
+    return vit
+
+def patch_grid(vit, images):
+    """(B, 3, S, S) -> (B, D, S/p, S/p): the last layer's patch tokens in their places. The class
+    token attends with them but is left out: the heads read one token per place, as from a
+    ResNet."""
+    if images.shape[-1] != vit.image_size:  # the position embedding has a place per patch
+        raise ValueError(f"this ViT reads {vit.image_size}-px images, not {images.shape[-1]} px")
+    x = vit.conv_proj(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
+    cls = vit.class_token.expand(len(x), -1, -1)
+    x = vit.encoder(torch.cat([cls, x], dim=1))  # (B, 1 + h*w, D)
+    side = images.shape[-1] // vit.patch_size
+    return x[:, 1:].transpose(1, 2).unflatten(2, (side, side))
+
+def vit_no_weight_decay(name, parameter):
+    """The usual ViT rule: no decay on norms and biases (the 1-D parameters), the position
+    embedding and the class token."""
+    return parameter.ndim == 1 or name.endswith(("pos_embedding", "class_token"))
+
+def vit_image_size(state):
+    """The image size a ViT's torchvision state dict was made for (its position embedding has a
+    place per patch and one for the class token); None for other weights."""
+    if "encoder.pos_embedding" not in state:
+        return None
+    patches = state["encoder.pos_embedding"].shape[1] - 1
+    return state["conv_proj.weight"].shape[-1] * math.isqrt(patches)
+
+# ----------------------------------------------------------------------------------------------
 # Official checkpoints: read their configuration off the tensor shapes; export the backbone
 
 COCO_CATEGORIES = 80  # the multi-label ablation predicts these (+ 1 padding class)
 
-def infer_backbone(state):
-    """The torchvision ResNet whose weight shapes match visual.cnn.* exactly."""
-    prefix = "visual.cnn."
-    shapes = {k[len(prefix):]: tuple(v.shape) for k, v in state.items() if k.startswith(prefix)}
-    for name in RESNETS:
+@functools.lru_cache(maxsize=None)
+def torchvision_shapes(name, image_size):
+    """({key: shape} of the backbone's torchvision model, {its classifier: what Visual removes}),
+    built once on the meta device; ({}, set()) for a ViT whose patches do not tile the size."""
+    try:
         with torch.device("meta"):
-            cnn = getattr(torchvision.models, name)()
-        ours = {k: tuple(v.shape) for k, v in cnn.state_dict().items() if not k.startswith("fc.")}
-        if ours == shapes:
-            return name
-    raise ValueError("visual.cnn.* matches no torchvision ResNet")
+            model = Visual(name, image_size).torchvision_model()
+    except ValueError:
+        return {}, set()
+    classifier = {n for n, m in model.named_children() if isinstance(m, nn.Identity)}  # fc, heads
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}, classifier
+
+def infer_backbone(state):
+    """(name, image size) of the backbone whose torchvision model has exactly the weight shapes of
+    `state` (a torchvision state dict, with or without the classifier)."""
+    size = vit_image_size(state)
+    names = RESNETS if size is None else VITS + list(SMALL_VITS)
+    size = size or 224  # a ResNet's weights fit any size: the paper's
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    for name in names:
+        ours, classifier = torchvision_shapes(name, size)
+        extra = {k.split(".")[0] for k in shapes.keys() - ours}  # top-level modules
+        if ours and ours.items() <= shapes.items() and extra <= classifier:
+            return name, size
+    raise ValueError("the weights match no torchvision ResNet or ViT")
+
+def visual_from_torchvision(state):
+    """(A Visual with the weights of a torchvision ResNet's or ViT's state dict, its image size)."""
+    name, size = infer_backbone(state)
+    visual = Visual(name, size)
+    visual.torchvision_model().load_state_dict(state, strict=False)  # all but the classifier
+    return visual, size
 
 def official_config(state, heads=None, task=None):
     """A Config for an official state dict, read off its tensor shapes."""
-    cfg = dict(backbone=infer_backbone(state))
+    # visual.cnn.conv1.weight -> conv1.weight: the torchvision model's keys
+    name, image_size = infer_backbone({k.split(".", 2)[2]: v for k, v in state.items()
+                                       if k.startswith("visual.")})
+    cfg = dict(backbone=name, image_size=image_size)
     if "textual.embedding.words.weight" not in state:  # a classification ablation
         vocab = state["textual.output.weight"].shape[0]
         multilabel = vocab == COCO_CATEGORIES + 1
@@ -901,11 +994,15 @@ DETECTRON2_NAMES = [("layer1", "res2"), ("layer2", "res3"), ("layer3", "res4"), 
                     ("downsample.0", "shortcut"), ("downsample.1", "shortcut.norm")]
 
 def export_backbone(model, format="torchvision"):
-    """The trained ResNet alone: torchvision's key names (resnet50() loads it, fc aside), or
-    detectron2's, renamed the way the official export does."""
-    state = model.visual.cnn.state_dict()  # conv1.weight, layer1.0.bn1.bias, ... (no fc)
+    """The trained backbone alone: torchvision's key names (resnet50() or vit_b_16(image_size=S)
+    loads it, its classifier fc or heads aside), or, for a ResNet, detectron2's, renamed the way
+    the official export does."""
+    state = model.visual.torchvision_model().state_dict()  # conv1.weight, layer1.0.bn1.bias, ...
     if format == "torchvision":
         return state
+    if model.cfg.backbone not in RESNETS:
+        raise ValueError(f"the detectron2 export is for ResNets (detectron2's backbones), not "
+                         f"{model.cfg.backbone}: use --format torchvision")
     renamed = {}
     for key, value in state.items():
         for ours, theirs in DETECTRON2_NAMES:
