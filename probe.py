@@ -685,8 +685,10 @@ def get_args_parser():
     g = p.add_argument_group("backbones")
     g.add_argument("--ckpt", nargs="+", default=[], help="ours or official (several: a table)")
     g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet or ViT)")
-    g.add_argument("--backbone", default="resnet50", help="the ResNet or ViT of --init random")
-    g.add_argument("--image-size", type=int, help="(none: the checkpoint's, else 224)")
+    g.add_argument("--backbone", help="the ResNet or ViT of --init random (none: resnet50, or on "
+                   "the toy VOC the demo's)")
+    g.add_argument("--image-size", type=int, help="(none: the checkpoint's, else 224, or on the "
+                   "toy VOC the demo's)")
     g = p.add_argument_group("VOC07 SVMs")
     g.add_argument("--voc", help="VOCdevkit/VOC2007 folder (none: the toy world's)")
     g.add_argument("--toy-dir", default="data/toy", help="where the toy world is written")
@@ -716,13 +718,19 @@ def get_args_parser():
 
 
 def backbones(args):
-    """[(name, visual, image size, config or None)] for every --ckpt and --init."""
+    """[(name, visual, image size, config or None)] for every --ckpt and --init. On the toy VOC
+    (no --voc, --imagenet or --inaturalist) --init is probed as the demo probes its floor: the
+    toy preset's backbone and image size, unless given."""
     found = []
     for path in args.ckpt:
         model, _ = virtex.load_model(path)
         found.append((str(path), model.visual, model.cfg.image_size, model.cfg))
     if args.init:
-        visual, size = load_backbone(args.init, args.backbone, image_size=args.image_size or 224)
+        import train  # here, not at the top: train imports this module
+        toy = args.voc is None and not (args.imagenet or args.inaturalist)
+        backbone = args.backbone or (train.TOY["backbone"] if toy else "resnet50")
+        size = args.image_size or (train.TOY["image_size"] if toy else 224)
+        visual, size = load_backbone(args.init, backbone, image_size=size)
         found.append((args.init, visual, size, None))
     if not found:
         raise ValueError("nothing to probe: give --ckpt and/or --init")

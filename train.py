@@ -3,6 +3,7 @@
     python train.py                                             # demo: toy world, small model, CPU
     torchrun --nproc_per_node=8 train.py --data datasets/coco   # the paper's run
     python train.py --benchmark --batch-size 32                 # speed of the training step
+    python train.py --benchmark demo                            # where the demo's time goes
 
 Rerunning the same command with the same --out resumes from its last.pt, exactly.
 """
@@ -11,6 +12,7 @@ import collections
 import dataclasses
 import io
 import json
+import math
 import random
 import tempfile
 import time
@@ -98,8 +100,9 @@ def get_args_parser():
                    help="decode the evaluation images at every evaluation, not once")
     g.add_argument("--log-every", type=whole_number, default=20, help="iterations per log line")
     g.add_argument("--stop-after", type=whole_number, help="stop there, as if preempted")
-    g.add_argument("--benchmark", nargs="?", const="step", choices=["step", "loader"],
-                   help="time the training step (synthetic batch) or the data loader, and exit")
+    g.add_argument("--benchmark", nargs="?", const="step", choices=["step", "loader", "demo"],
+                   help="time the training step (synthetic batch), the data loader or each part "
+                   "of the demo, and exit")
     return p
 
 
@@ -115,7 +118,9 @@ def parse_args(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
     part = toy_part(args)
-    if args.benchmark:
+    if args.benchmark == "demo" and args.data:
+        parser.error("--benchmark demo times the demo, on the toy world: no --data")
+    if args.benchmark in ("step", "loader"):
         parser.set_defaults(iterations=20)
     elif part:  # the toy COCO's run in runs/toy, its shards' in runs/toy_shards
         parser.set_defaults(**{**TOY, "out": TOY["out"] + ("" if part == "coco" else f"_{part}")})
@@ -357,7 +362,8 @@ def new_model(cfg, device):
     model = virtex.VirTex(cfg).to(device)
     if cfg.channels_last:  # NHWC: tensor-core convolutions (cuDNN, oneDNN) without transposes. Set
         model.to(memory_format=torch.channels_last)  # before the optimizer: its state follows
-    optimizer = virtex.build_optimizer(model, cfg, fused=device.type == "cuda")  # one kernel
+    # Fused: one kernel for all parameters, on CPU too (there the toy step's optimizer part 3x faster)
+    optimizer = virtex.build_optimizer(model, cfg, fused=device.type in ("cuda", "cpu"))
     return model, optimizer, virtex.loss_scaler(device, cfg.amp)
 
 
@@ -584,6 +590,8 @@ def benchmark(args, device):
     cfg = virtex.Config.from_dict({**vars(args), "vocab_size": vocab_size})
     if args.benchmark == "loader":
         return benchmark_loader(args, cfg, device)
+    if args.benchmark == "demo":
+        return benchmark_demo(args, device)
     raw_model, optimizer, scaler = new_model(cfg, device)
     model = wrap_for_training(raw_model, cfg, device, distributed=False).train()
     B, T = cfg.batch_size, cfg.max_length
@@ -673,6 +681,109 @@ def coco_sized_jpegs(root, images=512):
     path = root / "annotations" / "captions_train2017.json"
     path.write_text(json.dumps({"images": images, "annotations": captions}))
     return root
+
+
+def benchmark_demo(args, device, steps=20):
+    """Where the demo's time goes: each part timed (the toy world and the vocabulary, `steps`
+    training steps of the real loader after 3, a checkpoint, the first evaluation, the
+    random-init floor), then counted as often as the demo runs it. Writes nothing but the toy
+    world (--out is a temporary folder)."""
+    seconds = {}
+
+    def timed(name, compute):
+        start = time.perf_counter()
+        result = compute()
+        seconds[name] = time.perf_counter() - start
+        return result
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args.out = tmp
+        timed("toy world", lambda: virtex.make_toy_world(args.toy_dir))
+        run, train_data, val_data = timed("vocabulary and model", lambda: prepare(args, 0, 1, device))
+        cfg = run.cfg
+        model = wrap_for_training(run.model, cfg, device, distributed=False).train()
+        loader, clock = iter(batches(train_data, cfg, device, 0, steps + 3)), StepClock(run, model)
+        timed("loader start, 3 steps", lambda: [clock.step(loader, i) for i in range(3)])
+        parts = sum((collections.Counter(clock.step(loader, i)) for i in range(3, steps + 3)),
+                    collections.Counter())
+        timed("checkpoint", lambda: save(run, cfg.iterations))
+        sets = eval_sets(run, val_data)
+        timed("val loss", lambda: validate(run, sets["val"]))
+        timed("val CIDEr", lambda: val_cider(run, sets["val"], val_data))
+        voc, floor = sets["voc"], new_model(cfg, device)[0].visual
+        splits = timed("VOC07 features", lambda: voc.features(run.model.visual, device, cfg.amp))
+        timed("VOC07 SVMs", lambda: voc.evaluate(splits, device))
+        timed("random-init floor", lambda: voc.evaluate(voc.features(floor, device, cfg.amp), device))
+    images = {"val": len(val_data), "voc": sum(len(s.data) for s, _ in voc.splits.values())}
+    print_demo_parts(args, cfg, seconds, {k: v / steps for k, v in parts.items()}, images)
+
+
+class StepClock:
+    """The parts of train_step, timed from outside by hooks: forward (the model's forward hooks),
+    backward (from the loss's gradient to the last parameter's), optimizer (clipping and the step:
+    from there on); and around it, the wait for the loader and the logging."""
+
+    def __init__(self, run, model):
+        self.run, self.model, self.marks, self.history = run, model, {}, []
+        model.register_forward_pre_hook(lambda *_: self.mark("start"))
+        model.register_forward_hook(self.forward_done)
+        for p in model.parameters():  # the last one called ends the backward pass
+            p.register_post_accumulate_grad_hook(lambda _: self.mark("gradients"))
+
+    def mark(self, name):
+        self.marks[name] = time.perf_counter()
+
+    def forward_done(self, module, inputs, output):
+        self.mark("forward")
+        if output["loss"].requires_grad:  # not in the evaluations, which use the same model
+            output["loss"].register_hook(lambda _: self.mark("loss gradient"))
+
+    def step(self, loader, step):
+        """Seconds of each part of training step `step`, the next batch of `loader`'s."""
+        run, marks, start = self.run, self.marks, time.perf_counter()
+        images, tokens, lengths, _ = on_device(next(loader), run.device)
+        self.mark("data")
+        stats = train_step(self.model, run.optimizer, run.scaler, images, tokens, lengths, step, run.cfg)
+        self.history.append(stats.cpu())  # as the loop, one sync per interval: here, per step
+        self.mark("step")
+        if len(self.history) == run.args.log_every:
+            log_steps(run, torch.stack(self.history), step + 1, 1.0, tqdm(disable=True))
+            self.history = []
+        self.mark("end")
+        parts = {"data": marks["data"] - start, "forward": marks["forward"] - marks["start"],
+                 "backward": marks["gradients"] - marks["loss gradient"],
+                 "optimizer": marks["step"] - marks["gradients"], "logging": marks["end"] - marks["step"]}
+        return {**parts, "other": marks["end"] - start - sum(parts.values())}
+
+
+def print_demo_parts(args, cfg, seconds, step, images):
+    """benchmark_demo's table: each part's seconds, how many times the demo runs it, the total."""
+    evaluations = math.ceil(cfg.iterations / (args.eval_every or args.checkpoint_every))
+    iterations = cfg.iterations - 3
+    rows = [("toy world (0 s once written)", seconds["toy world"], 1),
+            ("vocabulary and model", seconds["vocabulary and model"], 1),
+            ("loader start, first 3 steps", seconds["loader start, 3 steps"], 1),
+            ("training step", sum(step.values()), iterations),
+            *((f"  {part}", step[part], iterations) for part in step),
+            ("checkpoint", seconds["checkpoint"], math.ceil(cfg.iterations / args.checkpoint_every)),
+            (f"val loss ({images['val']} images)", seconds["val loss"], evaluations),
+            (f"val CIDEr ({min(args.cider_images, images['val'])} images, beam 5)",
+             seconds["val CIDEr"], evaluations),
+            (f"VOC07 features ({images['voc']} images)", seconds["VOC07 features"], evaluations),
+            ("VOC07 SVMs", seconds["VOC07 SVMs"], evaluations),
+            ("random-init floor (features, SVMs)", seconds["random-init floor"], 1)]
+    precision = "fp32" if virtex.amp_dtype(torch.device("cpu"), cfg.amp) is None else "bf16"
+    print(f"the demo, part by part: {cfg.backbone} at {cfg.image_size} px, L{cfg.layers} H{cfg.hidden}, "
+          f"batch {cfg.batch_size}, {cfg.iterations} iterations, {cfg.workers} loader workers; "
+          f"{precision}, {torch.get_num_threads()} threads")
+    print(f"{'part':40} {'each':>10} {'times':>6} {'in all':>9}")
+    for name, each, times in rows:
+        total = "" if name.startswith("  ") else f"{each * times:7.1f} s"
+        print(f"{name:40} {each:8.3f} s {times:6} {total:>9}")
+    total = sum(each * times for name, each, times in rows if not name.startswith("  "))
+    print(f"{'total':40} {'':17} {total:7.1f} s = {total / 60:.1f} min")
+    print("(a barely trained model: its captions run to the 30-token limit, the demo's stop near 15, "
+          "so val CIDEr here is about twice the demo's)")
 
 
 # ----------------------------------------------------------------------------------------------

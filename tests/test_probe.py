@@ -114,6 +114,18 @@ def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_pat
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("mAP: ")
 
 
+def test_init_random_without_voc_probes_the_toy_voc_as_the_demo_probes_its_floor(toy, capsys):
+    import train
+    run_probe("--init", "random", "--toy-dir", toy, "--workers", 0)
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    cfg = virtex.Config.from_dict({**train.TOY, "vocab_size": 128})
+    floor = train.new_model(cfg, torch.device("cpu"))[0].visual  # the weights the demo's floor probes
+    expected = probe.voc07(floor, toy / "voc" / "VOCdevkit" / "VOC2007", cfg.image_size, torch.device("cpu"), workers=0)
+    assert printed == f"mAP: {expected.mean():.2f}"
+    (_, visual, size, _), = probe.backbones(probe.get_args_parser().parse_args(["--init", "random", "--voc", "VOC"]))
+    assert (visual.channels, size) == (2048, 224)  # a real VOC: the paper's ResNet-50 at 224 px
+
+
 def test_backbone_stays_bit_identical_while_probing(checkpoint, toy, tmp_path):
     model, _ = virtex.load_model(checkpoint)
     visual, size = model.visual, model.cfg.image_size
