@@ -7,6 +7,7 @@ A ResNet turns an image into a grid of features (7x7x2048 for R-50 at 224 px). A
 Transformer decoder reads the caption left to right and a backward one right to left, both
 attending to the grid; the loss is the sum of their next-token cross-entropies. After
 pretraining the heads are thrown away and the ResNet is the product (probe.py judges it).
+`Config.parallel` adds CapPa's parallel prediction (Tschannen et al., NeurIPS 2023), off by default.
 
 Deliberate differences from the official code (the README says why):
 - the flip augmentation swaps the *words* "left"/"right", not every substring ("bright" stays);
