@@ -252,11 +252,14 @@ def evaluate_svms(x_train, y_train, x_test, y_test, costs=COSTS, folds=3):
 
     w = solve_svms(z, targets, best * weight) @ rotation.T  # (classes, D + 1)
     test_scores = (x_test.to(device).float() @ w[:, :-1].T + w[:, -1]).cpu()
-    y_test = y_test.cpu()
-    kept = y_test != -1  # difficult test images are left out
-    aps = [average_precision(test_scores[kept[:, c], c], y_test[kept[:, c], c] == 1)
-           for c in range(classes)]
-    return 100 * torch.tensor(aps)
+    return voc07_aps(test_scores, y_test.cpu())
+
+
+def voc07_aps(scores, labels):
+    """Per-class AP (percent) of test scores (N, classes); difficult images are left out."""
+    kept = labels != -1
+    return 100 * torch.tensor([average_precision(scores[kept[:, c], c], labels[kept[:, c], c] == 1)
+                               for c in range(labels.shape[1])])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,6 +618,182 @@ def classify(visual, splits, image_size, out, recipe, processes):
 
 
 # ----------------------------------------------------------------------------------------------
+# Zero-shot classification by captions, as CapPa's scoring classifier (Tschannen et al. 2023):
+# an image's score for a class is the log-likelihood of a caption naming it ("a picture of a red
+# circle") under the captioning heads. Nothing is trained; the labels only grade the answers.
+
+PROMPT = "a picture of a {}"
+SPELLED_OUT = {"diningtable": "dining table", "pottedplant": "potted plant",
+               "tvmonitor": "tv monitor"}  # VOC07's class names that are not words
+PAIRS = 1024  # (image, caption) pairs per decoder call
+BOTH, FORWARD = "forward + backward, sum", "forward, sum"  # the default scorings
+
+
+def class_words(name):
+    """A class name as a caption says it: VOC07's run-together names spelled out, '_' a space."""
+    return SPELLED_OUT.get(name, name).replace("_", " ")
+
+
+def class_captions(tokenizer, classes, prompt, max_length):
+    """(C, T) `[SOS] prompt [EOS]` of each class name, right-padded."""
+    if prompt.count("{}") != 1:
+        raise ValueError(f"--prompt {prompt!r} must hold {{}} once: the class name goes there")
+    rows = []
+    for name in classes:
+        text = prompt.format(class_words(name))
+        ids = [virtex.SOS, *tokenizer.encode(text), virtex.EOS]
+        if len(ids) > max_length:
+            raise ValueError(f"class {name!r}: {text!r} is {len(ids)} tokens, more than the "
+                             f"{max_length} the model reads")
+        if virtex.UNK in ids:
+            virtex.print0(f"warning: class {name!r}: {text!r} has pieces outside the vocabulary, "
+                          "which are not scored")
+        rows.append(torch.tensor(ids))
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+def caption_log_likelihoods(model, images, captions, pairs=PAIRS):
+    """[(B, C) forward, and for bicaptioning backward] log p(caption | image) of every image and
+    every caption (C, T): the sum over the tokens after [SOS] of log p(token | image, the tokens
+    before it), the backward head reading the caption reversed. The grid is computed once per
+    image; the decoders score `pairs` (image, caption) pairs per call."""
+    memory = model.textual.project(model.visual(images))  # (B, h*w, H)
+    heads = [(model.textual, captions)]
+    if model.cfg.task == "bicaptioning":
+        reversed_ = virtex.reverse_captions(captions, virtex.lengths_of(captions))
+        heads.append((model.backward_textual, reversed_))
+    B, per_call, scores = len(images), max(1, pairs // len(images)), []
+    for head, tokens in heads:
+        parts = []
+        for chunk in tokens.split(per_call):  # (c, T): c captions for each of the B images
+            rows = chunk.repeat(B, 1)  # (B*c, T): image b's captions are rows b*c...b*c+c-1
+            hidden = head(memory.repeat_interleave(len(chunk), 0), rows[:, :-1])  # (B*c, T-1, H)
+            targets = rows[:, 1:]
+            logp = head.output(hidden).float().log_softmax(-1).gather(2, targets[..., None])[..., 0]
+            parts.append(logp.where(targets != virtex.PAD, 0.0).sum(1).view(B, -1))
+        scores.append(torch.cat(parts, 1))
+    return scores
+
+
+@torch.no_grad()
+def zero_shot_scores(model, evalset, captions, device, amp="bf16", group=None, desc=None):
+    """(heads, N, C) caption log-likelihoods of a whole evaluation set (each rank scores its
+    share; every rank gets all), the model in eval mode."""
+    training = model.training
+    model.eval()
+    parts = []
+    for keys, images in tqdm(evalset, desc=desc, total=len(evalset.batches), leave=False,
+                             dynamic_ncols=True, disable=desc is None):
+        images = virtex.to_input(images, device).contiguous(memory_format=torch.channels_last)
+        with virtex.autocast(device, amp):
+            scores = caption_log_likelihoods(model, images, captions.to(device))
+        parts.append((keys, torch.stack(scores).float().cpu()))
+    model.train(training)
+    return torch.cat([x for _, x in gather(parts, group)], dim=1)
+
+
+def scorings(scores, captions):
+    """{scoring: (N, C)}: the sum of the token log-probabilities (big_vision's CapPa) or their
+    mean (length-normalised), of the forward head and, with two heads, of both together."""
+    tokens = (captions[:, 1:] != virtex.PAD).sum(1)  # scored per caption and head
+    ways = {FORWARD: scores[0], "forward, mean": scores[0] / tokens}
+    if len(scores) == 2:
+        ways.update({BOTH: scores.sum(0), "forward + backward, mean": scores.sum(0) / (2 * tokens)})
+    return ways
+
+
+def grade(scores, labels):
+    """(top-1, top-5) in percent for labels (N,), or (mAP,) for VOC07 labels (N, classes)."""
+    if labels.dim() == 1:
+        return top1_top5(scores, labels)
+    return (voc07_aps(scores, labels).mean().item(),)
+
+
+def top1_top5(scores, labels):
+    best = scores.topk(min(5, scores.shape[1])).indices  # (N, 5)
+    hits = best == labels[:, None]
+    return 100 * hits[:, 0].double().mean().item(), 100 * hits.any(1).double().mean().item()
+
+
+def captioners(args):
+    """[(name, model, tokenizer)] of every --ckpt and, with --init random, of its initial weights
+    (its config and seed, as train.py starts from them: the floor)."""
+    if args.init not in (None, "random"):
+        raise ValueError(f"--zero-shot takes --init random (each --ckpt at its initial weights), "
+                         f"not {args.init!r}")
+    found = []
+    for path in args.ckpt:
+        model, tokenizer = virtex.load_model(path)
+        tokenizer = virtex.Tokenizer(args.vocab) if args.vocab else tokenizer
+        if not model.cfg.captioning:
+            raise ValueError(f"{path} was trained for {model.cfg.task}, which does not caption")
+        if tokenizer is None or len(tokenizer) != model.cfg.vocab_size:
+            raise ValueError(f"{path}: give --vocab, the {model.cfg.vocab_size}-token vocabulary "
+                             "it was trained with (coco_10k.model for the official checkpoints)")
+        found.append((Path(path).parent.name or str(path), model, tokenizer))
+        if args.init:
+            torch.manual_seed(model.cfg.seed)
+            found.append((f"{found[-1][0]} at init", virtex.VirTex(model.cfg), tokenizer))
+    if not found:
+        raise ValueError("--zero-shot needs a captioning or bicaptioning --ckpt")
+    return found
+
+
+def zero_shot_set(args, rank):
+    """(image paths, labels, class names): val of --imagenet/--inaturalist ((N,) labels) or the
+    VOC07 test split ((N, classes) labels: 1 present, 0 absent, -1 difficult)."""
+    root = args.imagenet or args.inaturalist
+    if root is None:
+        return read_voc(voc_root(args, rank), "test")
+    items, classes = (read_inaturalist if args.inaturalist else read_image_folder)(root, "val")
+    if args.class_names:
+        lines = Path(args.class_names).read_text().splitlines()
+        classes = [line.strip() for line in lines if line.strip()]
+        if len(classes) != max(label for _, label in items) + 1:
+            raise ValueError(f"{args.class_names}: {len(classes)} names for the classes of {root}")
+    elif any(re.fullmatch(r"n\d{8}", name) for name in classes):
+        raise ValueError(f"{root}: the classes are WordNet ids (n01440764...), not words: give "
+                         "--class-names FILE, one name a line in the order of the sorted folders")
+    unnamed = [i for i, name in enumerate(classes) if not name]
+    if unnamed:
+        raise ValueError(f"{root}: category {unnamed[0]} has no name to caption")
+    return [path for path, _ in items], torch.tensor([label for _, label in items]), classes
+
+
+def zero_shot(args, processes):
+    """--zero-shot: top-1 and top-5 (--imagenet, --inaturalist) or VOC07 mAP of every captioner
+    and scoring, a table of them, the default scoring's number last."""
+    rank, world, device, group = processes
+    paths, labels, classes = zero_shot_set(args, rank)
+    found, sets, results = captioners(args), {}, {}
+    for name, model, tokenizer in found:
+        size = args.image_size or model.cfg.image_size
+        if size not in sets:  # several captioners of one image size decode the images once
+            batches = shard(list(range(len(paths))), rank, world)
+            sets[size] = EvalSet(Images(paths, size), batches, args.workers, cache=len(found) > 1)
+        captions = class_captions(tokenizer, classes, args.prompt, model.cfg.max_length)
+        scores = zero_shot_scores(model.to(device), sets[size], captions, device, model.cfg.amp,
+                                  group, desc=f"zero-shot {name}" if rank == 0 else None)
+        model.cpu()
+        results[name] = {way: grade(s, labels) for way, s in scorings(scores, captions).items()}
+    if rank == 0:
+        zero_shot_report(results, "top-1" if labels.dim() == 1 else "mAP")
+
+
+def zero_shot_report(results, measure):
+    """A row per scoring, a column per captioner (top-1 / top-5, or mAP); last, the default
+    scoring's (both heads summed for bicaptioning, else the forward sum)."""
+    print(f"\n| zero-shot scoring | {' | '.join(results)} |\n|---|" + "---|" * len(results))
+    for way in dict.fromkeys(way for table in results.values() for way in table):
+        cells = [" / ".join(f"{v:.2f}" for v in table.get(way, ())) for table in results.values()]
+        print(f"| {way} | " + " | ".join(cells) + " |")
+    default = {name: table.get(BOTH, table[FORWARD])[0] for name, table in results.items()}
+    if len(default) == 1:
+        return print(f"zero-shot {measure}: {next(iter(default.values())):.2f}")
+    print(f"zero-shot {measure}: " + " | ".join(f"{name} {v:.2f}" for name, v in default.items()))
+
+
+# ----------------------------------------------------------------------------------------------
 # Benchmark: our SVMs against the scikit-learn protocol on VOC07-sized features
 
 def synthetic_features(n_train=5011, n_test=4952, dim=2048, classes=20, seed=0):
@@ -678,6 +857,41 @@ def benchmark(quick=False):
     print(f"difference {ours - reference:+.3f} mAP, speed-up {sk_seconds / seconds:.1f}x")
 
 
+def benchmark_zero_shot(quick=False, images=4, classes=32, tokens=10):
+    """Zero-shot caption scores (image, class) per second of the paper's model (R-50 at 224 px,
+    H2048 bicaptioning, 10k vocabulary; the demo's with --quick) here, both heads, and the FLOPs
+    of a score; then what ImageNet's 1,000 classes x 50,000 images take at that rate."""
+    demo = dict(backbone="resnet18", hidden=256, vocab_size=128, image_size=64)
+    cfg = virtex.Config(**(demo if quick else {}))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = virtex.VirTex(cfg).to(device).eval()
+    pictures = torch.randint(0, 256, (images, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8)
+    first = len(virtex.SPECIAL_PIECES)
+    captions = torch.randint(first, cfg.vocab_size, (classes, tokens), device=device)
+    captions[:, 0], captions[:, -1] = virtex.SOS, virtex.EOS  # "[SOS] a picture of a ... [EOS]"
+    run = lambda: caption_log_likelihoods(model, virtex.to_input(pictures, device), captions)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), virtex.autocast(device, cfg.amp):
+        run()  # warmup
+        sync()
+        start = time.perf_counter()
+        run()
+        sync()
+        seconds = time.perf_counter() - start
+        with FlopCounterMode(display=False) as counter:
+            run()
+    scores = images * classes
+    rate, flops = scores / seconds, counter.get_total_flops() / scores
+    print(f"{cfg.backbone} {cfg.task} L{cfg.layers} H{cfg.hidden} vocab {cfg.vocab_size}, "
+          f"{cfg.image_size} px, {images} images x {classes} captions of {tokens} tokens, "
+          f"{device}, {torch.get_num_threads()} threads: {rate:.1f} scores/s, {flops / 1e9:.2f} "
+          "GFLOP a score (the grid included, once per image)")
+    print(f"ImageNet at this rate (an extrapolation: 1,000 classes x 50,000 images = 5e7 scores, "
+          f"{5e7 * flops / 1e15:.0f} PFLOP): {5e7 / rate / 3600:.1f} hours")
+
+
 # ----------------------------------------------------------------------------------------------
 
 def get_args_parser():
@@ -710,9 +924,17 @@ def get_args_parser():
                    "with --finetune, as the official's fp32 and AMP)")
     g.add_argument("--seed", type=int, default=0, help="of the head, data order, augmentation")
     g.add_argument("--stop-after", type=int, help="stop at this iteration, as if preempted")
+    g = p.add_argument_group("zero-shot: classify by captions (--imagenet, --inaturalist, --voc)")
+    g.add_argument("--zero-shot", action="store_true", help="score a caption per class with a "
+                   "captioning --ckpt (--init random: the --ckpt at its initial weights)")
+    g.add_argument("--prompt", default=PROMPT, help="the caption, {} for the class name")
+    g.add_argument("--class-names", help="file of class names, one a line (none: folder or "
+                   "category names, '_' read as a space)")
+    g.add_argument("--vocab", help="SentencePiece model of a --ckpt without one (official ones)")
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=2, help="loader processes (per GPU)")
-    g.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn")
+    g.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn "
+                   "(with --zero-shot: time scoring captions)")
     g.add_argument("--quick", action="store_true", help="with --benchmark: a small problem")
     return p
 
@@ -739,13 +961,14 @@ def backbones(args):
 
 def main(args):
     if args.benchmark:
-        return benchmark(args.quick)
+        return benchmark_zero_shot(args.quick) if args.zero_shot else benchmark(args.quick)
     processes = virtex.init_processes()
-    found = backbones(args)
-    if args.imagenet or args.inaturalist:
-        classification(args, found, processes)
+    if args.zero_shot:
+        zero_shot(args, processes)
+    elif args.imagenet or args.inaturalist:
+        classification(args, backbones(args), processes)
     else:
-        voc07_table(args, found, processes)
+        voc07_table(args, backbones(args), processes)
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -753,11 +976,7 @@ def main(args):
 def voc07_table(args, found, processes):
     """--voc (or the toy VOC): every backbone's per-class APs, a table of them, the mAP last."""
     rank, world, device, group = processes
-    if args.voc is None:
-        if rank == 0:
-            virtex.make_toy_world(args.toy_dir)
-        virtex.barrier()
-        args.voc = Path(args.toy_dir) / "voc" / "VOCdevkit" / "VOC2007"
+    args.voc = voc_root(args, rank)
     if args.features and len(found) > 1:
         raise ValueError("--features caches one backbone's features: probe one at a time")
     vocs, results = {}, []  # several backbones of one image size decode VOC07 once
@@ -777,6 +996,16 @@ def voc07_table(args, found, processes):
             print(f"{name}: VOC07 mAP {results[-1][2].mean():.2f} ({seconds:.0f} s)")
     if rank == 0:
         report(results, voc.classes, args.plot)
+
+
+def voc_root(args, rank):
+    """--voc, or the toy world's VOC07 (written by rank 0 if missing)."""
+    if args.voc is None:
+        if rank == 0:
+            virtex.make_toy_world(args.toy_dir)
+        virtex.barrier()
+        return Path(args.toy_dir) / "voc" / "VOCdevkit" / "VOC2007"
+    return args.voc
 
 
 def report(results, classes, plot_to=None):

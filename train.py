@@ -67,6 +67,8 @@ def get_args_parser():
     g.add_argument("--dropout", type=float, default=d.dropout, help="in the textual heads")
     g.add_argument("--vocab-size", type=int, help=f"(none: {d.vocab_size}, or the size of --vocab)")
     g.add_argument("--max-length", type=int, default=d.max_length, help="tokens per caption")
+    g.add_argument("--parallel", type=float, default=d.parallel, help="CapPa's parallel prediction: "
+                   "probability a caption is predicted from the image alone, all tokens at once")
     g = p.add_argument_group("images and batches")
     g.add_argument("--image-size", type=int, default=d.image_size, help="training crop side")
     g.add_argument("--crop-scale", type=float, default=d.crop_scale, help="smallest crop area")

@@ -7,6 +7,7 @@ A ResNet turns an image into a grid of features (7x7x2048 for R-50 at 224 px). A
 Transformer decoder reads the caption left to right and a backward one right to left, both
 attending to the grid; the loss is the sum of their next-token cross-entropies. After
 pretraining the heads are thrown away and the ResNet is the product (probe.py judges it).
+`Config.parallel` adds CapPa's parallel prediction (Tschannen et al., NeurIPS 2023), off by default.
 
 Deliberate differences from the official code (the README says why):
 - the flip augmentation swaps the *words* "left"/"right", not every substring ("bright" stays);
@@ -66,6 +67,7 @@ class Config:
     dropout: float = 0.1
     vocab_size: int = 10_000
     max_length: int = 30  # tokens per caption, [SOS] and [EOS] included
+    parallel: float = 0.0  # CapPa: probability a caption is predicted from the image alone (0: VirTex)
     # data
     image_size: int = 224
     crop_scale: float = 0.2  # smallest area fraction of the random resized crop
@@ -100,6 +102,10 @@ class Config:
             raise ValueError(f"batch size must be at least 1, not {self.batch_size}")
         if self.amp not in ("bf16", "fp16", "off"):
             raise ValueError(f"amp must be bf16, fp16 or off, not {self.amp!r}")
+        if not 0 <= self.parallel <= 1:
+            raise ValueError(f"parallel is a probability, in [0, 1], not {self.parallel}")
+        if self.parallel and not self.captioning:
+            raise ValueError(f"parallel prediction is for captioning and bicaptioning, not {self.task}")
 
     @property
     def captioning(self):  # a forward captioning head: the model writes captions
@@ -538,14 +544,19 @@ class TextualHead(nn.Module):
     def project(self, grid):  # (B, C, h, w) -> (B, h*w, H): one visual token per cell, no position
         return self.visual_projection(grid.flatten(2).transpose(1, 2))
 
-    def forward(self, memory, tokens, causal=True, lengths=None):
+    def forward(self, memory, tokens, causal=True, lengths=None, parallel=None):
         """Hidden states (B, T, H) for tokens (B, T) attending to the projected grid `memory`. Causal
         attention needs no padding mask (captions are right-padded, so a real token only sees real
-        tokens); bidirectional attention (masked LM) masks keys at or beyond `lengths`."""
+        tokens); bidirectional attention (masked LM) masks keys at or beyond `lengths`. The rows
+        marked in `parallel` (B,) attend to every position, the others causally."""
         mask = None
         if not causal:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             mask = (positions < lengths[:, None])[:, None, None]  # (B, 1, 1, T)
+        if parallel is not None:
+            T = tokens.shape[1]
+            earlier = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, T)
+            causal, mask = False, earlier | parallel.view(-1, 1, 1, 1)  # (B, 1, T, T)
         return self.transformer(self.embedding(tokens), memory, causal, mask)
 
 # ----------------------------------------------------------------------------------------------
@@ -610,7 +621,10 @@ class VirTex(nn.Module):
         if self.cfg.task == "masked_lm":
             inputs, labels = mask_tokens(tokens, lengths, self.cfg.vocab_size)
             return {"loss": self.token_loss(self.textual, memory, inputs, labels, False, lengths)}
-        loss_forward = self.token_loss(self.textual, memory, tokens[:, :-1], tokens[:, 1:])
+        if self.training and self.cfg.parallel:
+            loss_forward = self.parallel_loss(memory, tokens)
+        else:
+            loss_forward = self.token_loss(self.textual, memory, tokens[:, :-1], tokens[:, 1:])
         if self.cfg.task == "captioning":
             return {"loss": loss_forward, "loss_forward": loss_forward}
         backward = reverse_captions(tokens, lengths)
@@ -618,12 +632,24 @@ class VirTex(nn.Module):
         return {"loss": loss_forward + loss_backward, "loss_forward": loss_forward,
                 "loss_backward": loss_backward}
 
+    def parallel_loss(self, memory, tokens):
+        """The forward loss with CapPa's parallel prediction (Tschannen et al., NeurIPS 2023): with
+        probability cfg.parallel a caption is predicted from the image alone, all tokens at once:
+        each input is [MASK], padding included, and its attention is bidirectional; the other
+        captions are teacher-forced. The targets are the same. Captions are padded to max_length,
+        so that a parallel one cannot even tell its length from the batch's shape. (Bicaptioning's
+        backward head stays teacher-forced on every caption: see the README.)"""
+        tokens = F.pad(tokens, (0, self.cfg.max_length - tokens.shape[1]))  # (B, max_length)
+        parallel = torch.rand(len(tokens), device=tokens.device) < self.cfg.parallel  # (B,)
+        inputs = torch.where(parallel[:, None], MASK, tokens[:, :-1])
+        return self.token_loss(self.textual, memory, inputs, tokens[:, 1:], parallel=parallel)
+
     @staticmethod
-    def token_loss(head, memory, inputs, targets, causal=True, lengths=None):
+    def token_loss(head, memory, inputs, targets, causal=True, lengths=None, parallel=None):
         """Mean cross-entropy over the non-padding targets of the batch. (For captioning the
         inputs stop one short: with causal attention the last token predicts nothing.)"""
         keep = targets != PAD
-        hidden = head(memory, inputs, causal, lengths)[keep]  # (K, H): logits only at targets
+        hidden = head(memory, inputs, causal, lengths, parallel)[keep]  # (K, H): logits at targets
         return F.cross_entropy(head.output(hidden).float(), targets[keep])
 
     @staticmethod
