@@ -689,7 +689,7 @@ def zero_shot_scores(model, evalset, captions, device, amp="bf16", group=None, d
             scores = caption_log_likelihoods(model, images, captions.to(device))
         parts.append((keys, torch.stack(scores).float().cpu()))
     model.train(training)
-    return torch.cat([x for _, x in gather(parts, group)], dim=1)
+    return torch.cat([x for _, x in virtex.gather(parts, group)], dim=1)
 
 
 def scorings(scores, captions):
@@ -769,8 +769,8 @@ def zero_shot(args, processes):
     for name, model, tokenizer in found:
         size = args.image_size or model.cfg.image_size
         if size not in sets:  # several captioners of one image size decode the images once
-            batches = shard(list(range(len(paths))), rank, world)
-            sets[size] = EvalSet(Images(paths, size), batches, args.workers, cache=len(found) > 1)
+            batches = virtex.shard(list(range(len(paths))), rank, world)
+            sets[size] = virtex.EvalSet(Images(paths, size), batches, args.workers, cache=len(found) > 1)
         captions = class_captions(tokenizer, classes, args.prompt, model.cfg.max_length)
         scores = zero_shot_scores(model.to(device), sets[size], captions, device, model.cfg.amp,
                                   group, desc=f"zero-shot {name}" if rank == 0 else None)

@@ -704,7 +704,9 @@ def benchmark_demo(args, device, steps=20):
         run, train_data, val_data = timed("vocabulary and model", lambda: prepare(args, 0, 1, device))
         cfg = run.cfg
         model = wrap_for_training(run.model, cfg, device, distributed=False).train()
-        loader, clock = iter(batches(train_data, cfg, device, 0, steps + 3)), StepClock(run, model)
+        alone = virtex.Processes(0, 1, device)
+        loader = iter(virtex.resumable_loader(train_data, cfg, 0, steps + 3, alone, virtex.collate))
+        clock = StepClock(run, model)
         timed("loader start, 3 steps", lambda: [clock.step(loader, i) for i in range(3)])
         parts = sum((collections.Counter(clock.step(loader, i)) for i in range(3, steps + 3)),
                     collections.Counter())
