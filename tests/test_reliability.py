@@ -132,18 +132,21 @@ def make_both_last_pts(coco, toy, out):
     flags = ["--out", str(out / "train"), *TINY, "--data", str(coco), *FAST, "--amp", "off"]
     train.save(train.prepare(train.parse_args(flags), 0, 1, torch.device("cpu"))[0], 1)
     recipe = probe.Recipe(epochs=1, batch_size=32, workers=0, amp="off")
-    probing = (probe.load_backbone("random", "resnet18")[0], probe.read_splits(toy / "imagenet"), 32)
+    visual, _ = probe.load_backbone("random", "resnet18")
+    probing = (visual, probe.read_splits(toy / "imagenet"), 32)
     (out / "probe").mkdir()
     probe.save(probe.start_run(*probing, out / "probe", recipe, virtex.init_processes()), 1)
     return flags, probing, recipe
 
 
-def test_a_run_saved_without_loss_scaling_resumes_with_fp16_in_either_script(coco, toy, tmp_path, monkeypatch):
+def test_either_script_resumes_an_fp32_run_with_fp16_loss_scaling(coco, toy, tmp_path, monkeypatch):
     """On a GPU --amp fp16 scales the loss; a resume into it starts a fresh scale (here a CPU scaler
     stands in for the GPU's)."""
     flags, probing, recipe = make_both_last_pts(coco, toy, tmp_path)
-    monkeypatch.setattr(virtex, "loss_scaler", lambda device, amp: torch.amp.GradScaler("cpu", enabled=amp == "fp16"))
-    pretraining, _, _ = train.prepare(train.parse_args([*flags, "--amp", "fp16"]), 0, 1, torch.device("cpu"))
+    gpu_like = lambda device, amp: torch.amp.GradScaler("cpu", enabled=amp == "fp16")
+    monkeypatch.setattr(virtex, "loss_scaler", gpu_like)
+    args = train.parse_args([*flags, "--amp", "fp16"])
+    pretraining, _, _ = train.prepare(args, 0, 1, torch.device("cpu"))
     recipe = dataclasses.replace(recipe, amp="fp16")
     linear = probe.start_run(*probing, tmp_path / "probe", recipe, virtex.init_processes())
     for run in (pretraining, linear):
@@ -152,9 +155,9 @@ def test_a_run_saved_without_loss_scaling_resumes_with_fp16_in_either_script(coc
 
 def test_the_last_pt_of_one_script_is_refused_by_the_other(coco, toy, tmp_path):
     flags, probing, recipe = make_both_last_pts(coco, toy, tmp_path)
-    with pytest.raises(SystemExit, match="probe/last.pt is not a train.py checkpoint \\(no vocab\\)"):
+    with pytest.raises(SystemExit, match=r"probe/last.pt is not a train.py checkpoint \(no vocab\)"):
         train.cli([*flags, "--out", str(tmp_path / "probe")])
-    with pytest.raises(ValueError, match="train/last.pt: made with other settings \\(finetune, epochs, "):
+    with pytest.raises(ValueError, match=r"train/last.pt: made with other settings \(finetune, "):
         probe.start_run(*probing, tmp_path / "train", recipe, virtex.init_processes())
     with pytest.raises(ValueError, match="probe/last.pt: a probe.py checkpoint"):
         virtex.load_model(tmp_path / "probe" / "last.pt")

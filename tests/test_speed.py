@@ -95,13 +95,13 @@ def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_paramet
 
 def test_a_resume_into_fp16_starts_a_fresh_loss_scale(model, tmp_path):
     """A bf16 or fp32 run saves a disabled GradScaler, whose state is empty."""
-    optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    optimizer, last = torch.optim.SGD(model.parameters(), 0.1), tmp_path / "last.pt"
     for saved, scale in ((torch.amp.GradScaler("cpu", enabled=False), 2.0 ** 16),
                          (torch.amp.GradScaler("cpu", init_scale=1024.0), 1024.0)):
-        virtex.save_checkpoint(tmp_path / "last.pt", {"model": model.state_dict(), "iteration": 1, "config": {},
-                                                      "optimizer": optimizer.state_dict(), "scaler": saved.state_dict()})
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": 1}
+        virtex.save_checkpoint(last, {**state, "config": {}, "scaler": saved.state_dict()})
         scaler = torch.amp.GradScaler("cpu", enabled=True)
-        virtex.resume(tmp_path / "last.pt", "train.py", {}, model, optimizer, scaler)
+        virtex.resume(last, "train.py", {}, model, optimizer, scaler)
         assert scaler.get_scale() == scale
 
 
