@@ -175,8 +175,8 @@ class Tokenizer:
         return Tokenizer, (self.model,)
 
 # ----------------------------------------------------------------------------------------------
-# COCO Captions: ROOT/annotations/captions_{split}2017.json + ROOT/{split}2017/*.jpg
-# Samples leave the loader as uint8 images; `to_input` normalises them on the device.
+# Data: images and their captions (COCO Captions, or any source `caption_source` reads: below the
+# banner). Samples leave the loader as uint8 images; `to_input` normalises them on the device.
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet
 
@@ -257,60 +257,6 @@ def load_image(source, size=None):
         return image.convert("RGB")
 
 UNREADABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-
-def read_json(path, what):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing ({what})")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-def read_captions(root, split):
-    """[(image path, [captions])] in order of first appearance, as the official dataset groups
-    them. Empty captions are dropped, and images left without one are skipped (and reported)."""
-    root = Path(root)
-    path = root / "annotations" / f"captions_{split}2017.json"
-    data = read_json(path, f"COCO {split} captions")
-    try:
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        captions = {}
-        for ann in data["annotations"]:
-            text = ann["caption"].strip() if isinstance(ann["caption"], str) else ""
-            captions.setdefault(ann["image_id"], []).extend([text] if text else [])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not COCO Captions (no {e} field)") from None
-    unknown = [i for i in captions if i not in files]
-    if unknown:
-        raise ValueError(f"{path}: captions of image id {unknown[0]}, which is not in its image list")
-    images = root / f"{split}2017"
-    if not images.is_dir():
-        raise FileNotFoundError(f"{images}: missing (the {split} images)")
-    items = [(images / files[i], texts) for i, texts in captions.items() if texts]
-    if len(items) < len(captions):
-        print(f"warning: {path}: {len(captions) - len(items)} images without a non-empty caption "
-              "skipped", file=sys.stderr)
-    if not items:
-        raise ValueError(f"{path}: no captions")
-    return items
-
-def read_categories(root, split):
-    """([(image path, [[category indices 1..K]])], K) from instances_{split}2017.json, categories
-    in file order (0 is padding); images without objects are dropped, as in the official dataset."""
-    root = Path(root)
-    path = root / "annotations" / f"instances_{split}2017.json"
-    data = read_json(path, f"COCO {split} instances (multi-label classification)")
-    try:
-        index = {c["id"]: i + 1 for i, c in enumerate(data["categories"])}
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        labels = {}
-        for ann in data["annotations"]:
-            labels.setdefault(ann["image_id"], set()).add(index[ann["category_id"]])
-    except KeyError as e:
-        raise ValueError(f"{path}: not COCO instances (no {e} field or category)") from None
-    items = [(root / f"{split}2017" / files[i], [sorted(labels[i])]) for i in files if i in labels]
-    return items, len(index)
 
 def first_images(items, n):
     """The pretraining subset of --max-images N: the same N images (smallest ids) for every task."""
@@ -1417,6 +1363,65 @@ class CaptionShards(torch.utils.data.IterableDataset):
 # appearance; another source is one reader and its line in CAPTION_SOURCES. Files of rows, JSON
 # lines or CSV, hold one {image, caption} a row, image paths relative to the file's folder.
 
+def read_json(path, what):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing ({what})")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+
+def read_captions(root, split):
+    """[(image path, [captions])] in order of first appearance, as the official dataset groups
+    them. Empty captions are dropped, and images left without one are skipped (and reported)."""
+    root = Path(root)
+    path = root / "annotations" / f"captions_{split}2017.json"
+    data = read_json(path, f"COCO {split} captions")
+    try:
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        captions = {}
+        for ann in data["annotations"]:
+            text = ann["caption"].strip() if isinstance(ann["caption"], str) else ""
+            captions.setdefault(ann["image_id"], []).extend([text] if text else [])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not COCO Captions (no {e} field)") from None
+    unknown = [i for i in captions if i not in files]
+    if unknown:
+        raise ValueError(f"{path}: captions of image id {unknown[0]}, which is not in its image list")
+    images = root / f"{split}2017"
+    if not images.is_dir():
+        raise FileNotFoundError(f"{images}: missing (the {split} images)")
+    items = [(images / files[i], texts) for i, texts in captions.items() if texts]
+    if len(items) < len(captions):
+        print(f"warning: {path}: {len(captions) - len(items)} images without a non-empty caption "
+              "skipped", file=sys.stderr)
+    if not items:
+        raise ValueError(f"{path}: no captions")
+    return items
+
+
+
+def read_categories(root, split):
+    """([(image path, [[category indices 1..K]])], K) from instances_{split}2017.json, categories
+    in file order (0 is padding); images without objects are dropped, as in the official dataset."""
+    root = Path(root)
+    path = root / "annotations" / f"instances_{split}2017.json"
+    data = read_json(path, f"COCO {split} instances (multi-label classification)")
+    try:
+        index = {c["id"]: i + 1 for i, c in enumerate(data["categories"])}
+        files = {image["id"]: image["file_name"] for image in data["images"]}
+        labels = {}
+        for ann in data["annotations"]:
+            labels.setdefault(ann["image_id"], set()).add(index[ann["category_id"]])
+    except KeyError as e:
+        raise ValueError(f"{path}: not COCO instances (no {e} field or category)") from None
+    items = [(root / f"{split}2017" / files[i], [sorted(labels[i])]) for i in files if i in labels]
+    return items, len(index)
+
+
 def read_text(path, what):
     path = Path(path)
     if not path.is_file():
@@ -1462,11 +1467,11 @@ def read_csv_rows(path, split=None):  # a file is one split
 
 
 def csv_dicts(path, reader, header):
-    for fields in filter(None, reader):  # blank lines are no rows
-        if len(fields) != len(header):
-            raise ValueError(f"{path}: line {reader.line_num}: {len(fields)} values for the header's "
+    for values in filter(None, reader):  # blank lines are no rows
+        if len(values) != len(header):
+            raise ValueError(f"{path}: line {reader.line_num}: {len(values)} values for the header's "
                              f"{len(header)} columns (an unquoted comma in a caption?)")
-        yield reader.line_num, dict(zip(header, fields))
+        yield reader.line_num, dict(zip(header, values))
 
 
 def caption_rows(path, rows):
