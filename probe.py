@@ -625,8 +625,7 @@ def train_epochs(run, data, val, image_size, total):
     net = run.model
     if dist.is_initialized():  # only what has gradients is synchronised: the head when frozen
         ids = [device] if device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(run.model, ids, static_graph=True,
-                                                        gradient_as_bucket_view=True)
+        net = torch.nn.parallel.DistributedDataParallel(run.model, ids, **virtex.DDP_OPTIONS)
     sampler = virtex.ResumableSampler(len(data), recipe.batch_size, recipe.seed, run.start, stop,
                                       rank, world)
     loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=recipe.workers,

@@ -400,10 +400,9 @@ def build(args, cfg, tokenizer, device, rank=0, world=1, group=None):
 
 def wrap_for_training(model, cfg, device, distributed):
     """The module the loop calls: DDP-wrapped, then compiled, as configured."""
-    if distributed:  # every parameter is used in every step: a static graph lets DDP overlap more
+    if distributed:  # see virtex.DDP_OPTIONS: an exact resume at any number of processes
         ids = [device] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, ids, static_graph=True,
-                                                          gradient_as_bucket_view=True)
+        model = torch.nn.parallel.DistributedDataParallel(model, ids, **virtex.DDP_OPTIONS)
     if cfg.compile:  # fuses the pointwise ops around the matmuls. Compiled after DDP, as PyTorch
         model = torch.compile(model)  # documents: DDP's hooks then overlap the gradient all-reduce
     return model

@@ -973,6 +973,15 @@ def init_processes():
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo")
 
+# DDP otherwise rebuilds its gradient buckets once, in the order gradients arrive, after a
+# process's first step (its second with static_graph); until then one bucket holds them all. A
+# ring all-reduce of 3+ ranks sums each element in an order set by its place in its bucket, so a
+# resumed process, whose first steps are not the run's, would round them differently (two ranks
+# hide this: a + b = b + a). With find_unused_parameters DDP never rebuilds: every step of every
+# process reduces in one layout. The price (every parameter is used here): one traversal of the
+# autograd graph a step, and a warning saying so at the first step, on every rank.
+DDP_OPTIONS = dict(find_unused_parameters=True, gradient_as_bucket_view=True)
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
