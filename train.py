@@ -533,6 +533,7 @@ def evaluate(run, iteration, weights, val_data):
     rank 0); the seconds each took and the memory the cached inputs hold; the best mAP so far is
     kept as best.pt."""
     sets, cfg, record, seconds = eval_sets(run, val_data), run.cfg, {"iteration": iteration}, {}
+    virtex.broadcast_buffers(run.model)  # every rank evaluates the checkpoint's BatchNorm statistics
 
     def part(name, compute):
         start = time.perf_counter()

@@ -998,6 +998,13 @@ def any_rank(flag, group):
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return value.item() > 0
 
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm statistics) on every rank: what its checkpoint holds. DDP gives
+    every rank rank 0's before each training forward, which each rank's own batch then moves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
 @contextlib.contextmanager
 def preemption():
     """SIGTERM (a scheduler's preemption) or Ctrl-C: the list it yields becomes non-empty; the
