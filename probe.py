@@ -518,6 +518,7 @@ def train_step(run, net, images, labels, step, total):
 def evaluate(run, val, image_size):
     """(top-1, top-5) in percent on `val`, sharded across processes, the network in eval mode."""
     rank, world, device, _ = run.processes
+    virtex.broadcast_buffers(run.model)  # fine-tuned BatchNorm: what last.pt holds, on every rank
     labels = torch.tensor([label for _, label in val])
     batches = virtex.shard(list(range(len(val))), rank, world)
     images = virtex.EvalSet(Images([path for path, _ in val], image_size), batches,

@@ -449,10 +449,13 @@ def save(run, iteration):
                "config": dataclasses.asdict(run.cfg), "vocab": run.tokenizer.model}
     state = {"optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict()}
     if run.shards is not None:  # every rank's readers: where each will read on
-        everyone = [run.shards["positions"]]
+        workers = run.shards["readers"] // run.world  # reader r is rank r // workers's
+        # A resumed rank also holds the others' places of last.pt, which only their own rank updates.
+        mine = {r: place for r, place in run.shards["positions"].items() if r // workers == run.rank}
+        everyone = [mine]
         if run.group is not None:
             everyone = [None] * run.world
-            dist.all_gather_object(everyone, run.shards["positions"], group=run.group)
+            dist.all_gather_object(everyone, mine, group=run.group)
         merged = {reader: place for positions in everyone for reader, place in positions.items()}
         state["shards"] = {**run.shards, "positions": merged}
     if run.rank == 0:
@@ -521,6 +524,7 @@ def evaluate(run, iteration, weights, val_data):
     rank 0); the seconds each took and the memory the cached inputs hold; the best mAP so far is
     kept as best.pt."""
     sets, cfg, record, seconds = eval_sets(run, val_data), run.cfg, {"iteration": iteration}, {}
+    virtex.broadcast_buffers(run.model)  # every rank evaluates the checkpoint's BatchNorm statistics
 
     def part(name, compute):
         start = time.perf_counter()

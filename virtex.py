@@ -1054,6 +1054,15 @@ def init_processes():
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Processes(dist.get_rank(), dist.get_world_size(), device, dist.new_group(backend="gloo"))
 
+# DDP otherwise rebuilds its gradient buckets once, in the order gradients arrive, after a
+# process's first step (its second with static_graph); until then one bucket holds them all. A
+# ring all-reduce of 3+ ranks sums each element in an order set by its place in its bucket, so a
+# resumed process, whose first steps are not the run's, would round them differently (two ranks
+# hide this: a + b = b + a). With find_unused_parameters DDP never rebuilds: every step of every
+# process reduces in one layout. The price (every parameter is used here): one traversal of the
+# autograd graph a step, and a warning saying so at the first step, on every rank.
+DDP_OPTIONS = dict(find_unused_parameters=True, gradient_as_bucket_view=True)
+
 def print0(*args, **kwargs):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args, **kwargs, flush=True)
@@ -1069,6 +1078,13 @@ def any_rank(flag, group):
     value = torch.tensor([float(bool(flag))])
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return value.item() > 0
+
+def broadcast_buffers(module):
+    """Rank 0's buffers (BatchNorm statistics) on every rank: what its checkpoint holds. DDP gives
+    every rank rank 0's before each training forward, which each rank's own batch then moves."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
 
 @contextlib.contextmanager
 def preemption():
@@ -1138,12 +1154,11 @@ def resume(path, script, settings, model, optimizer, scaler, needs=()):
 
 def ddp(model, device):
     """`model` in DistributedDataParallel under torchrun, else itself. Only what has gradients is
-    synchronised, and all of it in every step: a static graph lets DDP overlap more."""
+    synchronised (the head alone when the backbone is frozen), in one bucket layout (DDP_OPTIONS)."""
     if not dist.is_initialized():
         return model
     ids = [device] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, ids, static_graph=True,
-                                               gradient_as_bucket_view=True)
+    return nn.parallel.DistributedDataParallel(model, ids, **DDP_OPTIONS)
 
 def resumable_loader(data, settings, start, stop, processes, collate=None):
     """The training batches after iteration `start` up to `stop`, this process's slice of each

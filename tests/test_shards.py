@@ -64,6 +64,7 @@ def test_torchrun_on_shards_trains_and_resumes_exactly(toy, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
     a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
     assert a["iteration"] == b["iteration"] == 3 and set(a["shards"]["positions"]) == {0, 1}
+    assert a["shards"] == b["shards"]  # where each rank's reader stands, for the next resume
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
