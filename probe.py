@@ -547,7 +547,7 @@ def start_run(visual, splits, image_size, out, recipe, processes):
         if changed:
             raise ValueError(f"{last}: made with other settings or another backbone "
                              f"({', '.join(changed)}); use another --out")
-        trained.load_state_dict(checkpoint["weights"])
+        virtex.load_weights(trained, checkpoint["weights"], last)
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         run.start = checkpoint["iteration"]

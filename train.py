@@ -385,7 +385,7 @@ def build(args, cfg, tokenizer, device, rank=0, world=1, group=None):
         if changed:
             raise SystemExit(f"error: {last} was trained with other settings "
                              f"({', '.join(changed)}); use another --out")
-        run.model.load_state_dict(checkpoint["model"])
+        virtex.load_weights(run.model, checkpoint["model"], last)
         run.optimizer.load_state_dict(checkpoint["optimizer"])
         load_scaler(run.scaler, checkpoint.get("scaler"))
         run.start, run.shards = checkpoint["iteration"], checkpoint.get("shards")
