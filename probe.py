@@ -43,7 +43,10 @@ def load_backbone(init, backbone="resnet50", seed=0):
     if init and init.startswith("torchvision:"):
         path = init.split(":", 1)[1]
         state = {k: v for k, v in virtex.load_checkpoint(path).items() if not k.startswith("fc.")}
-        name = virtex.infer_backbone({f"visual.cnn.{k}": v for k, v in state.items()})
+        try:
+            name = virtex.infer_backbone({f"visual.cnn.{k}": v for k, v in state.items()})
+        except ValueError:  # a weight missing or one too many
+            raise ValueError(f"{path}: not the state dict of a torchvision ResNet") from None
         visual = virtex.Visual(name)
         visual.cnn.load_state_dict(state)
         return visual, 224

@@ -892,7 +892,13 @@ def fill_shared_keys(state):
 def from_official(path, heads=None, task=None):
     """A VirTex loaded from a checkpoint saved by the official code ({"model": ...} or bare)."""
     state = state_dict_of(load_checkpoint(path), path)
-    return load_weights(VirTex(official_config(state, heads, task)), fill_shared_keys(state), path)
+    try:  # the configuration is read off the weights: a missing one leaves it unreadable
+        cfg = official_config(state, heads, task)
+    except KeyError as e:
+        raise ValueError(f"{path}: not a whole VirTex state dict (no {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return load_weights(VirTex(cfg), fill_shared_keys(state), path)
 
 
 DETECTRON2_NAMES = [("layer1", "res2"), ("layer2", "res3"), ("layer3", "res4"), ("layer4", "res5"),
