@@ -15,6 +15,7 @@ Rerunning the same command with the same --out resumes from its last.pt, exactly
 import argparse
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -82,9 +83,13 @@ class Images(torch.utils.data.Dataset):
 
 
 def checksum(module):
-    """A number that tells one set of weights from another (what a cache or last.pt was made of)."""
-    tensors = module.state_dict().values()
-    return round(sum(p.double().sum().item() for p in tensors if p.is_floating_point()), 6)
+    """A fingerprint that tells one set of weights from another (what a cache or last.pt was made
+    of): a hash of their bytes, so the same numbers in other places are other weights too."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in module.state_dict().values():
+        if tensor.is_floating_point():
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def shard(keys, rank=0, world=1, batch_size=64):
