@@ -15,6 +15,7 @@ Rerunning the same command with the same --out resumes from its last.pt, exactly
 import argparse
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import json
 import math
@@ -42,7 +43,11 @@ def load_backbone(init, backbone="resnet50", seed=0, image_size=224):
         torch.manual_seed(seed)
         return virtex.Visual(backbone, image_size), image_size
     if init and init.startswith("torchvision:"):
-        return virtex.visual_from_torchvision(virtex.load_checkpoint(init.split(":", 1)[1]))
+        path = init.split(":", 1)[1]
+        try:
+            return virtex.visual_from_torchvision(virtex.load_checkpoint(path))
+        except ValueError as e:  # a weight missing or one too many, or another model's
+            raise ValueError(f"{path}: {e}") from None
     raise ValueError(f"--init must be 'random' or 'torchvision:PATH', not {init!r}")
 
 
@@ -75,9 +80,13 @@ class Images(torch.utils.data.Dataset):
 
 
 def checksum(module):
-    """A number that tells one set of weights from another (what a cache or last.pt was made of)."""
-    tensors = module.state_dict().values()
-    return round(sum(p.double().sum().item() for p in tensors if p.is_floating_point()), 6)
+    """A fingerprint that tells one set of weights from another (what a cache or last.pt was made
+    of): a hash of their bytes, so the same numbers in other places are other weights too."""
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in module.state_dict().values():
+        if tensor.is_floating_point():
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def features(visual, images, device, amp="bf16"):

@@ -958,7 +958,13 @@ def fill_shared_keys(state):
 def from_official(path, heads=None, task=None):
     """A VirTex loaded from a checkpoint saved by the official code ({"model": ...} or bare)."""
     state = state_dict_of(load_checkpoint(path), path)
-    return load_weights(VirTex(official_config(state, heads, task)), fill_shared_keys(state), path)
+    try:  # the configuration is read off the weights: a missing one leaves it unreadable
+        cfg = official_config(state, heads, task)
+    except KeyError as e:
+        raise ValueError(f"{path}: not a whole VirTex state dict (no {e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return load_weights(VirTex(cfg), fill_shared_keys(state), path)
 
 
 DETECTRON2_NAMES = [("layer1", "res2"), ("layer2", "res3"), ("layer3", "res4"), ("layer4", "res5"),
@@ -1145,7 +1151,7 @@ def resume(path, script, settings, model, optimizer, scaler, needs=()):
     if changed:
         raise ValueError(f"{path}: made with other settings ({', '.join(changed)}); "
                          "use another --out")
-    model.load_state_dict(checkpoint["model"])
+    load_weights(model, checkpoint["model"], path)  # a weight missing or one too many: one line
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint.get("scaler"):  # a bf16 or fp32 run saved a disabled scaler's empty state:
         scaler.load_state_dict(checkpoint["scaler"])  # an fp16 resume starts a fresh loss scale
