@@ -86,6 +86,7 @@ def test_finetuning_resumed_after_a_stop_equals_the_uninterrupted_run(toy, tmp_p
     assert {"loss", "lr", "img_per_s", "top1", "top5"} <= set(log[0])
 
 
+@pytest.mark.slow
 def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, capsys):
     flags = [*TINY, "--imagenet", toy / "imagenet"]
     run_probe(*flags, "--out", tmp_path / "one")

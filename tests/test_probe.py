@@ -204,6 +204,7 @@ def test_shards_are_the_same_batches_whatever_the_number_of_processes():
     assert torch.cat([x for _, x in virtex.gather(parts[0] + parts[1], None)]).tolist() == keys
 
 
+@pytest.mark.slow
 def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
     from conftest import torchrun
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"

@@ -57,6 +57,7 @@ def test_training_from_shards_resumes_exactly_with_loader_workers(toy, tmp_path)
         run_train(tmp_path / "b", *flags[:-4], "--workers", "3", "--iterations", "6")
 
 
+@pytest.mark.slow
 def test_torchrun_on_shards_trains_and_resumes_exactly(toy, tmp_path):
     flags = ["--data", toy / "shards", *TINY, "--iterations", "3", "--checkpoint-every", "100", "--eval-every", "100"]
     for out, extra in (("a", []), ("b", ["--stop-after", "1"]), ("b", [])):

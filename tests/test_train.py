@@ -80,6 +80,7 @@ def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, 
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 5
 
 
+@pytest.mark.slow
 def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy, tmp_path):
     flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4", "--checkpoint-every", "100"]
     for node in two_nodes("train.py", *flags, "--stop-after", "2"):
@@ -101,6 +102,7 @@ def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy,
     assert sets["voc"].evaluate(splits, run.device).mean().item() == pytest.approx(shared["voc_map"], abs=0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
     import re
     import signal
