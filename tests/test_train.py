@@ -9,7 +9,7 @@ import torch
 import probe
 import train
 import virtex
-from conftest import ROOT, TINY, one_thread_each, run_train, torchrun, torchrun_command, two_nodes
+from conftest import ROOT, TINY, one_thread_each, run_train, torchrun_command, two_nodes
 
 
 def run(toy, out, *flags):
@@ -20,7 +20,8 @@ def test_toy_world_is_valid_coco_and_voc(toy):
     items = virtex.read_captions(toy / "coco", "train")
     assert len(items) == 48 and all(len(captions) == 5 and path.is_file() for path, captions in items)
     instances = json.loads((toy / "coco" / "annotations" / "instances_val2017.json").read_text())
-    assert [c["name"] for c in instances["categories"]] == list(virtex.SHAPES)  # kinds only, no colours
+    # kinds only, no colours
+    assert [c["name"] for c in instances["categories"]] == list(virtex.SHAPES)
     assert {a["image_id"] for a in instances["annotations"]} <= {i["id"] for i in instances["images"]}
     paths, labels, classes = probe.read_voc(toy / "voc" / "VOCdevkit" / "VOC2007", "test")
     assert len(paths) == 24 and classes == sorted(virtex.TOY_CLASSES) and labels.shape == (24, 20)
@@ -53,21 +54,24 @@ def test_resume_after_stop_equals_uninterrupted_run(toy, tmp_path):
 
 def test_checkpoint_carries_its_vocabulary_and_probes(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
-    assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt", "checkpoint_2.pt", "checkpoint_4.pt"}
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt", "checkpoint_2.pt",
+                                                       "checkpoint_4.pt"}
     model, tokenizer = virtex.load_model(tmp_path / "checkpoint_4.pt")
     assert tokenizer.model == (tmp_path / "vocab.model").read_bytes()
     assert model.cfg.image_size == 32 and len(tokenizer) == model.cfg.vocab_size
     assert "optimizer" not in virtex.load_checkpoint(tmp_path / "checkpoint_4.pt")
 
 
-@pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification", "multilabel_classification"])
+@pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification",
+                                  "multilabel_classification"])
 def test_every_task_trains_and_its_checkpoint_loads_back(task, toy, tmp_path):
     run(toy, tmp_path, "--task", task, "--iterations", "2", "--checkpoint-every", "2")
     model, _ = virtex.load_model(tmp_path / "last.pt")
     assert model.cfg.task == task and not hasattr(model, "backward_textual")
     assert model.cfg.vocab_size == (len(virtex.SHAPES) + 1 if task == "multilabel_classification" else 64)
     state = virtex.load_checkpoint(tmp_path / "last.pt")["model"]
-    official = virtex.from_official(tmp_path / "last.pt", heads=2, task=task)  # the official reader sees the same model
+    # the official reader sees the same model
+    official = virtex.from_official(tmp_path / "last.pt", heads=2, task=task)
     assert all(torch.equal(official.state_dict()[k], v) for k, v in state.items())
 
 
@@ -82,7 +86,8 @@ def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, 
 
 @pytest.mark.slow
 def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy, tmp_path):
-    flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4", "--checkpoint-every", "100"]
+    flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4",
+             "--checkpoint-every", "100"]
     for node in two_nodes("train.py", *flags, "--stop-after", "2"):
         assert node.returncode == 0, node.stderr[-2000:]
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
@@ -92,12 +97,15 @@ def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy,
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
     # The record the two ranks wrote together equals one process evaluating the same weights.
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in logged if "val_loss" in r] == [2, 4]  # one writer, no duplicates
+    # one writer, no duplicates
+    assert [r["iteration"] for r in logged if "val_loss" in r] == [2, 4]
     shared = next(r for r in logged if r.get("iteration") == 4 and "val_loss" in r)
-    run, _, val_data = train.prepare(train.parse_args([str(f) for f in flags]), 0, 1, torch.device("cpu"))
+    run, _, val_data = train.prepare(train.parse_args([str(f) for f in flags]), 0, 1,
+                                     torch.device("cpu"))
     sets = train.eval_sets(run, val_data)
     assert train.validate(run, sets["val"]) == pytest.approx(shared["val_loss"], rel=1e-3)
-    assert train.val_cider(run, sets["val"], val_data) == pytest.approx(shared["val_cider"], abs=1e-6)
+    assert train.val_cider(run, sets["val"], val_data) == pytest.approx(shared["val_cider"],
+                                                                        abs=1e-6)
     splits = sets["voc"].features(run.model.visual, run.device)
     assert sets["voc"].evaluate(splits, run.device).mean().item() == pytest.approx(shared["voc_map"], abs=0.05)
 
@@ -106,7 +114,8 @@ def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy,
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
     import re
     import signal
-    command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "200",
+    command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY,
+                               "--iterations", "200",
                                "--checkpoint-every", "1000")
     process = subprocess.Popen(command, cwd=ROOT, env=one_thread_each(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -123,8 +132,10 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
 
 
 def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(virtex, "init_processes", lambda: virtex.Processes(0, 2, torch.device("cpu")))
-    with pytest.raises(SystemExit, match="^error: --batch-size 3 is not divisible by the 2 processes$"):
+    monkeypatch.setattr(virtex, "init_processes",
+                        lambda: virtex.Processes(0, 2, torch.device("cpu")))
+    with pytest.raises(SystemExit,
+                       match="^error: --batch-size 3 is not divisible by the 2 processes$"):
         run(toy, tmp_path, "--batch-size", "3")
 
 
@@ -149,7 +160,8 @@ def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, 
     alone, ranks = list(loaded), []
     for rank in range(2):  # each process of a two-process run, in turn
         loaded.clear()
-        monkeypatch.setattr(virtex, "init_processes", lambda: virtex.Processes(rank, 2, torch.device("cpu")))
+        monkeypatch.setattr(virtex, "init_processes",
+                            lambda: virtex.Processes(rank, 2, torch.device("cpu")))
         run_train(tmp_path / f"rank{rank}", *flags, "--vocab", tmp_path / "alone" / "vocab.model")
         ranks.append(list(loaded))
     assert len(alone) == 16 and ranks == [alone[0:4] + alone[8:12], alone[4:8] + alone[12:16]]
@@ -158,7 +170,8 @@ def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, 
 def test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint(toy, tmp_path, monkeypatch):
     import itertools
     maps = itertools.chain([50.0, 10.0], itertools.repeat(0.0))
-    monkeypatch.setattr(probe.VOC07, "evaluate", lambda self, splits, device: torch.full((20,), next(maps)))
+    monkeypatch.setattr(probe.VOC07, "evaluate",
+                        lambda self, splits, device: torch.full((20,), next(maps)))
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2", "--stop-after", "2")
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
     best = virtex.load_checkpoint(tmp_path / "best.pt")
@@ -187,6 +200,8 @@ def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
 
 def test_evaluation_follows_the_runs_precision(toy, tmp_path, monkeypatch):
     asked, autocast = [], virtex.autocast
-    monkeypatch.setattr(virtex, "autocast", lambda device, amp="bf16": asked.append(amp) or autocast(device, amp))
+    monkeypatch.setattr(virtex, "autocast",
+                        lambda device, amp="bf16": asked.append(amp) or autocast(device, amp))
     run(toy, tmp_path, "--iterations", "2", "--checkpoint-every", "100", "--amp", "off")
-    assert len(asked) >= 6 and set(asked) == {"off"}  # 2 training steps, val loss, CIDEr, 2 VOC07 splits
+    # 2 training steps, val loss, CIDEr, 2 VOC07 splits
+    assert len(asked) >= 6 and set(asked) == {"off"}
