@@ -28,7 +28,8 @@ def last_line(capsys):
 
 def test_toy_inaturalist_is_read_as_the_official_reads_it(toy):
     splits = probe.read_splits(toy / "inaturalist", inaturalist=True)
-    assert len(splits.train) == 400 and len(splits.val) == 100 and splits.classes == virtex.TOY_CLASSES
+    assert (len(splits.train) == 400 and len(splits.val) == 100
+            and splits.classes == virtex.TOY_CLASSES)
     assert all(path.is_file() for path, _ in splits.train + splits.val)
     path, label = splits.val[0]
     assert path.relative_to(toy / "inaturalist").parts[:3] == ("train_val2018", "Circle",
@@ -109,8 +110,8 @@ def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, caps
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
 
 
-def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(toy, tmp_path,
-                                                                                capsys, monkeypatch):
+def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(
+        toy, tmp_path, capsys, monkeypatch):
     flags = [*TINY, "--imagenet", toy / "imagenet"]
     run_probe(*flags, "--out", tmp_path / "straight")
     whole = last_line(capsys)
@@ -157,10 +158,10 @@ def test_an_unreadable_val_image_stops_the_run_after_the_epoch_is_saved(toy, tmp
 
 def test_fine_tuning_lr_drops_tenfold_at_epochs_70_and_90_and_linear_decays_to_zero():
     steps = (0, 119_699, 119_700, 153_899, 153_900, 170_999)
-    assert [probe.lr_factor(s, 171_000, True) for s in steps] == pytest.approx([1, 1, 0.1, 0.1,
-                                                                                0.01, 0.01])
-    assert [probe.lr_factor(s, 500_500, False) for s in (0, 250_250, 500_500)] == pytest.approx([1,
-                                                                                                 0.5, 0])
+    assert [probe.lr_factor(s, 171_000, True) for s in steps] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [probe.lr_factor(s, 500_500, False) for s in (0, 250_250, 500_500)] == pytest.approx(
+        [1, 0.5, 0])
 
 
 def test_a_last_pt_of_other_settings_or_another_backbone_is_refused(toy, tmp_path):

@@ -60,13 +60,15 @@ def test_svm_solution_reaches_the_reference_optimum():
         cost = C * torch.where(y > 0, 2.0, 1.0)
         ours = probe.solve_svms(x, y[:, None], cost[:, None], tol=1e-8)[0]
         best = svm_objective(exact_newton(x, y, cost), x.double(), y.double(), cost.double())
-        assert svm_objective(ours.double(), x.double(), y.double(), cost.double()) == pytest.approx(best.item(), rel=1e-6)
+        objective = svm_objective(ours.double(), x.double(), y.double(), cost.double())
+        assert objective == pytest.approx(best.item(), rel=1e-6)
 
 
 def toy_features(n, seed):
     g = torch.Generator().manual_seed(seed)
     labels = (torch.rand(n, 3, generator=g) < 0.3).long()
-    x = torch.nn.functional.normalize(labels.float() @ torch.randn(3, 16, generator=g) + torch.randn(n, 16, generator=g), dim=1)
+    x = labels.float() @ torch.randn(3, 16, generator=g) + torch.randn(n, 16, generator=g)
+    x = torch.nn.functional.normalize(x, dim=1)
     return x, labels
 
 
@@ -235,6 +237,7 @@ def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
 
 def test_probe_features_have_unit_norm(checkpoint, toy):
     model, _ = virtex.load_model(checkpoint)
-    splits = probe.VOC07(toy / "voc" / "VOCdevkit" / "VOC2007", 32, workers=0).features(model.visual, torch.device("cpu"))
+    voc = probe.VOC07(toy / "voc" / "VOCdevkit" / "VOC2007", 32, workers=0)
+    splits = voc.features(model.visual, torch.device("cpu"))
     for x, _ in splits.values():
         torch.testing.assert_close(x.norm(dim=1), torch.ones(len(x)))

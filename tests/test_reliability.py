@@ -225,7 +225,8 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(SystemExit, match="non-finite loss at iteration 3"):
         run(coco, tmp_path, "--iterations", "6", "--checkpoint-every", "2")
     checkpoint = virtex.load_checkpoint(tmp_path / "last.pt")
-    assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in checkpoint["model"].values() if v.is_floating_point())
+    weights = [v for v in checkpoint["model"].values() if v.is_floating_point()]
+    assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in weights)
 
 
 @pytest.mark.parametrize("column", ["grad_norm", "loss_backward"])

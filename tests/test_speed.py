@@ -83,8 +83,8 @@ def test_compiled_model_equals_eager(model, cfg):
                                atol=1e-4)
 
 
-def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_parameters_layout(toy,
-                                                                                           tmp_path):
+def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_parameters_layout(
+        toy, tmp_path):
     """Fused CUDA SGD requires parameters, gradients and momentum buffers to share strides."""
     run_train(tmp_path, "--toy-dir", toy, "--iterations", "4", "--stop-after", "2",
               "--no-channels-last")
@@ -149,8 +149,8 @@ def scenes_with_captions(root, n=6, size=96):
         virtex.toy_scene(rng, size)[0].save(root / "train2017" / f"{i}.jpg", quality=95)
         images.append({"id": i, "file_name": f"{i}.jpg"})
         annotations.append({"id": i, "image_id": i, "caption": "a red circle left of a blue square"})
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images,
-                                                                              "annotations": annotations}))
+    captions = {"images": images, "annotations": annotations}
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(captions))
     return root
 
 

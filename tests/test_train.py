@@ -18,15 +18,18 @@ def run(toy, out, *flags):
 
 def test_toy_world_is_valid_coco_and_voc(toy):
     items = virtex.read_captions(toy / "coco", "train")
-    assert len(items) == 48 and all(len(captions) == 5 and path.is_file() for path, captions in items)
+    assert len(items) == 48 and all(len(captions) == 5 and path.is_file()
+                                    for path, captions in items)
     instances = json.loads((toy / "coco" / "annotations" / "instances_val2017.json").read_text())
     # kinds only, no colours
     assert [c["name"] for c in instances["categories"]] == list(virtex.SHAPES)
-    assert {a["image_id"] for a in instances["annotations"]} <= {i["id"] for i in instances["images"]}
+    ids = {i["id"] for i in instances["images"]}
+    assert {a["image_id"] for a in instances["annotations"]} <= ids
     paths, labels, classes = probe.read_voc(toy / "voc" / "VOCdevkit" / "VOC2007", "test")
     assert len(paths) == 24 and classes == sorted(virtex.TOY_CLASSES) and labels.shape == (24, 20)
     assert set(labels.unique().tolist()) <= {-1, 0, 1} and (labels == 1).any()
-    assert sorted(p.name for p in (toy / "imagenet" / "train").iterdir()) == sorted(virtex.TOY_CLASSES)
+    classes = sorted(p.name for p in (toy / "imagenet" / "train").iterdir())
+    assert classes == sorted(virtex.TOY_CLASSES)
 
 
 def test_captions_name_what_the_image_shows():
@@ -107,7 +110,8 @@ def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy,
     assert train.val_cider(run, sets["val"], val_data) == pytest.approx(shared["val_cider"],
                                                                         abs=1e-6)
     splits = sets["voc"].features(run.model.visual, run.device)
-    assert sets["voc"].evaluate(splits, run.device).mean().item() == pytest.approx(shared["voc_map"], abs=0.05)
+    voc_map = sets["voc"].evaluate(splits, run.device).mean().item()
+    assert voc_map == pytest.approx(shared["voc_map"], abs=0.05)
 
 
 @pytest.mark.slow
@@ -120,7 +124,8 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
     process = subprocess.Popen(command, cwd=ROOT, env=one_thread_each(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = b""
-    while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):  # rank 0's progress bar: training is under way
+    # rank 0's progress bar: training is under way
+    while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk, progress.decode()[-2000:]
         progress += chunk
@@ -141,7 +146,8 @@ def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path, 
 
 def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "1", "--eval-every", "2")
-    assert {p.name for p in tmp_path.glob("checkpoint_*.pt")} == {f"checkpoint_{i}.pt" for i in range(1, 5)}
+    kept = {p.name for p in tmp_path.glob("checkpoint_*.pt")}
+    assert kept == {f"checkpoint_{i}.pt" for i in range(1, 5)}
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "val_loss" in r]
     assert [r["iteration"] for r in evaluated] == [2, 4]
@@ -194,7 +200,8 @@ def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
     seeds, manual_seed = [], torch.manual_seed
     monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or manual_seed(seed))
     run(toy, tmp_path, "--iterations", "3", "--checkpoint-every", "100")
-    steps = seeds[seeds.index(virtex.mix_seed(0, 1, 0)):][:3]  # the loop's, iterations 1-3 of rank 0
+    # the loop's, iterations 1-3 of rank 0
+    steps = seeds[seeds.index(virtex.mix_seed(0, 1, 0)):][:3]
     assert steps == [virtex.mix_seed(0, i, 0) for i in (1, 2, 3)] and len(set(steps)) == 3
 
 

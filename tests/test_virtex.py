@@ -27,7 +27,8 @@ HEAD_KEYS = ["visual_projection.weight", "visual_projection.bias", "embedding.wo
 
 def official_keys():
     """The 370 state-dict keys of the official bicaptioning_R_50_L1_H2048 checkpoints, in order."""
-    cnn = [f"visual.cnn.{k}" for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")]
+    cnn = [f"visual.cnn.{k}" for k in torchvision.models.resnet50().state_dict()
+           if not k.startswith("fc.")]
     return cnn + [f"textual.{k}" for k in HEAD_KEYS] + [f"backward_textual.{k}" for k in HEAD_KEYS]
 
 
@@ -99,7 +100,8 @@ def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
 
 
 def test_random_crops_span_the_configured_scales_and_aspects_flips_and_jitter_vary():
-    drawn = [virtex.draw_augmentation(640, 480, 0.2, torch.Generator().manual_seed(s)) for s in range(400)]
+    drawn = [virtex.draw_augmentation(640, 480, 0.2, torch.Generator().manual_seed(s))
+             for s in range(400)]
     for a in drawn:
         top, left, h, w = a.box
         assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
@@ -149,7 +151,8 @@ def test_long_captions_are_cut_to_max_length_without_eos(tmp_path, tokenizer, cf
 
 def test_stream_shards_every_global_batch_disjointly_and_resumes():
     full = list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6))
-    ranks = [list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6, rank=r, world=2)) for r in range(2)]
+    ranks = [list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6, rank=r, world=2))
+             for r in range(2)]
     for i, batch in enumerate(full):
         assert ranks[0][i] + ranks[1][i] == batch
     assert list(virtex.ResumableSampler(10, 4, seed=0, start=3, stop=6)) == full[3:]
@@ -405,7 +408,8 @@ def test_official_checkpoint_loads_with_from_official(tmp_path, model):
     loaded = virtex.from_official(tmp_path / "official.pth", heads=2)
     assert loaded.cfg.backbone == "resnet18" and loaded.cfg.hidden == 32 and loaded.cfg.vocab_size == 64
     assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
-    deduplicated = {k: v for k, v in state.items() if not k.startswith(("backward_textual.embedding", "textual.output.weight"))}
+    tied = ("backward_textual.embedding", "textual.output.weight")
+    deduplicated = {k: v for k, v in state.items() if not k.startswith(tied)}
     torch.save(deduplicated, tmp_path / "bare.pth")
     assert torch.equal(virtex.from_official(tmp_path / "bare.pth", heads=2).textual.output.weight,
                        state["textual.output.weight"])
@@ -527,7 +531,8 @@ def test_cider_equals_the_coco_reference_implementation():
     rng = random.Random(0)
     words = "a red blue circle square left of two and small the".split()
     candidates = {i: " ".join(rng.choices(words, k=rng.randint(1, 8))) for i in range(15)}
-    references = {i: [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(3)] for i in range(15)}
+    references = {i: [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(3)]
+                  for i in range(15)}
     reference = scorer.CiderScorer(n=4, sigma=6.0)
     for i in candidates:
         reference += (candidates[i], references[i])
