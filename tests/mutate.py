@@ -85,7 +85,7 @@ MUTANTS = [
      '    return [{"params": params, "lr": cfg.lr if cnn else cfg.cnn_lr,',
      "CNN and head LRs swapped", "param_groups"),
     ("virtex.py", "        return step / warmup", "        return (step + 1) / warmup",
-     "warmup off by one", "lr_schedule or scheduled"),
+     "warmup off by one", "warms_up or scheduled"),
     ("virtex.py",
      "    scores[:, 0] = 0  # all beams start identical: expand only the first at step 1",
      "    scores[:, :] = 0  # all beams start identical: expand only the first at step 1",

@@ -7,7 +7,7 @@ import probe
 import virtex
 
 
-def test_average_precision_hand_cases():
+def test_average_precision_matches_hand_computed_cases():
     assert probe.average_precision([0.9, 0.8, 0.8, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert probe.average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert probe.average_precision([0.1, 0.8, 0.9], [1, 0, 0]) == pytest.approx(1 / 3)
@@ -166,7 +166,7 @@ def test_an_incomplete_voc_folder_names_the_missing_file(toy, tmp_path):
         probe.read_voc(voc, "test")
 
 
-def test_random_and_torchvision_inits(tmp_path):
+def test_random_inits_repeat_and_torchvision_weights_load(tmp_path):
     import torchvision
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     visual, size = probe.load_backbone(f"torchvision:{tmp_path / 'r18.pth'}")
