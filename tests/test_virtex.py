@@ -354,7 +354,7 @@ def test_lookahead_resumes_exactly_mid_cycle():
     assert torch.equal(run_lookahead(13, resume_at=7), run_lookahead(13))
 
 
-def test_lr_warms_up_linearly_then_decays_by_cosine_to_zero():
+def test_lr_warms_up_linearly_then_decays_to_zero():
     m = lambda s: virtex.lr_multiplier(s, 10_000, 500_000)
     assert m(0) == 0 and m(5_000) == 0.5 and m(10_000) == 1.0
     assert m(255_000) == pytest.approx(0.5) and m(500_000) == pytest.approx(0.0, abs=1e-12)
