@@ -27,8 +27,8 @@ TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--hea
 
 CAPTIONS = [f"a {size} {color} {shape} {rel} a {color2} {shape2}"
             for size in ("small", "large") for color in ("red", "green", "blue", "bright yellow")
-            for shape in ("circle", "square", "triangle") for rel in ("left of", "right of",
-                                                                      "above")
+            for shape in ("circle", "square", "triangle")
+            for rel in ("left of", "right of", "above")
             for color2 in ("red", "blue") for shape2 in ("circle", "square")]
 
 

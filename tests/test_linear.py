@@ -127,8 +127,8 @@ def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(
     monkeypatch.setattr(probe, "lr_factor", lr_factor)
     run_probe(*flags, "--out", tmp_path / "preempted")
     assert last_line(capsys) == whole
-    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("straight",
-                                                                                "preempted"))
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"]
+            for d in ("straight", "preempted"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

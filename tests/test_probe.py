@@ -28,13 +28,10 @@ def test_average_precision_equals_scikit_learn_with_ties():
 
 def test_stratified_folds_equal_scikit_learn():
     assert probe.stratified_folds(torch.tensor([1, 1, 1, 0, 0, 0])).tolist() == [0, 1, 2, 0, 1, 2]
-    assert probe.stratified_folds(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])).tolist() == [0, 0, 0,
-                                                                                          1, 2, 1,
-                                                                                          1, 2, 2]
-    assert probe.stratified_folds(torch.tensor([-1, -1, 1, -1, 1, -1, -1, -1])).tolist() == [0, 0,
-                                                                                             0, 1,
-                                                                                             1, 1,
-                                                                                             2, 2]
+    assert probe.stratified_folds(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])).tolist() == [
+        0, 0, 0, 1, 2, 1, 1, 2, 2]
+    assert probe.stratified_folds(torch.tensor([-1, -1, 1, -1, 1, -1, -1, -1])).tolist() == [
+        0, 0, 0, 1, 1, 1, 2, 2]
 
 
 def svm_objective(w, x, y, cost):
@@ -136,8 +133,8 @@ def test_init_random_without_voc_probes_the_toy_voc_as_the_demo_probes_its_floor
     expected = probe.voc07(floor, toy / "voc" / "VOCdevkit" / "VOC2007", cfg.image_size,
                            torch.device("cpu"), workers=0)
     assert printed == f"mAP: {expected.mean():.2f}"
-    (_, visual, size, _), = probe.backbones(probe.get_args_parser().parse_args(["--init", "random",
-                                                                                "--voc", "VOC"]))
+    args = probe.get_args_parser().parse_args(["--init", "random", "--voc", "VOC"])
+    (_, visual, size, _), = probe.backbones(args)
     assert (visual.channels, size) == (2048, 224)  # a real VOC: the paper's ResNet-50 at 224 px
 
 
@@ -209,8 +206,8 @@ def test_cached_inputs_give_the_features_of_fresh_decoding(checkpoint, toy, monk
     monkeypatch.setattr(probe.Images, "__getitem__", lambda *_: pytest.fail("decoded again"))
     second = cached.features(model.visual, cpu)
     for split in ("trainval", "test"):
-        assert torch.equal(first[split][0], fresh[split][0]) and torch.equal(second[split][0],
-                                                                             fresh[split][0])
+        assert (torch.equal(first[split][0], fresh[split][0])
+                and torch.equal(second[split][0], fresh[split][0]))
     assert sum(s.nbytes() for s, _ in cached.splits.values()) == 48 * 3 * 32 * 32  # uint8 images
 
 
@@ -218,8 +215,8 @@ def test_shards_are_the_same_batches_whatever_the_number_of_processes():
     keys = list(range(150))
     alone = virtex.shard(keys, batch_size=64)
     dealt = [virtex.shard(keys, rank, 2, batch_size=64) for rank in range(2)]
-    assert alone == [keys[:64], keys[64:128], keys[128:]] and dealt == [[keys[:64], keys[128:]],
-                                                                        [keys[64:128]]]
+    assert (alone == [keys[:64], keys[64:128], keys[128:]]
+            and dealt == [[keys[:64], keys[128:]], [keys[64:128]]])
     parts = [[(b, torch.tensor(b)) for b in batches] for batches in dealt]
     assert torch.cat([x for _, x in virtex.gather(parts[0] + parts[1], None)]).tolist() == keys
 

@@ -73,8 +73,8 @@ def test_empty_captions_are_dropped_and_captionless_images_skipped(coco, capsys)
                                     "caption": "Größer als ein großer Kreis, très long " * 20})
     path.write_text(json.dumps(captions))
     items = dict((p.name, c) for p, c in virtex.read_captions(coco, "train"))
-    assert "000000000001.jpg" not in items and items["000000000002.jpg"] in (["a red circle"],
-                                                                             ["a red circle"] * 2)
+    assert "000000000001.jpg" not in items and items["000000000002.jpg"] in (
+        ["a red circle"], ["a red circle"] * 2)
     assert "1 images without a non-empty caption skipped" in capsys.readouterr().err
 
 
@@ -209,8 +209,8 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(coco, tmp_path
     assert "val_loss" not in (tmp_path / "preempted" / "log.jsonl").read_text()
     monkeypatch.setattr(virtex, "set_lr", set_lr)
     run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
-    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("straight",
-                                                                                "preempted"))
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"]
+            for d in ("straight", "preempted"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

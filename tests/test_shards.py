@@ -85,8 +85,7 @@ def test_a_corrupt_image_an_empty_caption_and_a_missing_image_are_named_and_skip
     image = (toy / "coco" / "train2017" / "000000000001.jpg").read_bytes()
     add_members(shards / "00000.tar",
                 {"bad.jpg": b"\xff\xd8 not a jpeg", "bad.txt": b"a red circle",
-                                       "empty.jpg": image, "empty.txt": b"  \n ",
-                 "lonely.txt": b"a blue star"})
+                 "empty.jpg": image, "empty.txt": b"  \n ", "lonely.txt": b"a blue star"})
     run_train(tmp_path / "out", "--data", shards, "--iterations", "6", "--checkpoint-every", "100")
     output = capsys.readouterr().out
     for problem in ("00000.tar:bad.jpg: cannot identify image file", "00000.tar:empty: no caption",
