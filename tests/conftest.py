@@ -27,7 +27,8 @@ TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--hea
 
 CAPTIONS = [f"a {size} {color} {shape} {rel} a {color2} {shape2}"
             for size in ("small", "large") for color in ("red", "green", "blue", "bright yellow")
-            for shape in ("circle", "square", "triangle") for rel in ("left of", "right of", "above")
+            for shape in ("circle", "square", "triangle")
+            for rel in ("left of", "right of", "above")
             for color2 in ("red", "blue") for shape2 in ("circle", "square")]
 
 
@@ -88,7 +89,8 @@ def run_train(out, *flags):
 
 
 def torchrun_command(script, *flags, launch=("--standalone", "--nproc_per_node=2")):
-    return [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script), *map(str, flags)]
+    return [sys.executable, "-m", "torch.distributed.run", *launch, str(ROOT / script),
+            *map(str, flags)]
 
 
 def one_thread_each():
@@ -112,7 +114,8 @@ def two_nodes(script, *flags):
         port = s.getsockname()[1]
     node = lambda rank: ("--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
                          "--rdzv-backend", "static", "--rdzv-endpoint", f"127.0.0.1:{port}")
-    nodes = [subprocess.Popen(torchrun_command(script, *flags, launch=node(rank)), cwd=ROOT, env=one_thread_each(),
+    nodes = [subprocess.Popen(torchrun_command(script, *flags, launch=node(rank)), cwd=ROOT,
+                              env=one_thread_each(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for rank in range(2)]
     results = []

@@ -53,7 +53,8 @@ def test_each_kind_of_data_is_told_apart_by_caption_source(coco, toy):
 def test_a_file_of_rows_trains_exactly_as_the_coco_folder_it_lists(coco, tmp_path, monkeypatch):
     """The same images and captions in the same order: the same vocabulary, samples and weights."""
     monkeypatch.setattr(train, "evaluate", lambda *_: {})  # the data is under test, not evaluation
-    sources = [coco] + [write_rows(coco / f"rows{kind}", rows_of(coco)) for kind in (".jsonl", ".csv")]
+    sources = [coco] + [write_rows(coco / f"rows{kind}", rows_of(coco))
+                        for kind in (".jsonl", ".csv")]
     for k, data in enumerate(sources):
         run_train(tmp_path / str(k), "--data", data, *FAST)
     runs = [virtex.load_checkpoint(tmp_path / str(k) / "last.pt") for k in range(3)]

@@ -28,16 +28,19 @@ def last_line(capsys):
 
 def test_toy_inaturalist_is_read_as_the_official_reads_it(toy):
     splits = probe.read_splits(toy / "inaturalist", inaturalist=True)
-    assert len(splits.train) == 400 and len(splits.val) == 100 and splits.classes == virtex.TOY_CLASSES
+    assert (len(splits.train) == 400 and len(splits.val) == 100
+            and splits.classes == virtex.TOY_CLASSES)
     assert all(path.is_file() for path, _ in splits.train + splits.val)
     path, label = splits.val[0]
-    assert path.relative_to(toy / "inaturalist").parts[:3] == ("train_val2018", "Circle", str(label))
+    assert path.relative_to(toy / "inaturalist").parts[:3] == ("train_val2018", "Circle",
+                                                               str(label))
     assert sorted({label for _, label in splits.train}) == list(range(20))
 
 
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.pop("annotations"), "not COCO-style images, annotations and categories"),
-    (lambda d: d["annotations"][3].update(category_id=20), "annotation of image 3 names an image or category"),
+    (lambda d: d["annotations"][3].update(category_id=20),
+     "annotation of image 3 names an image or category"),
     (lambda d: d["annotations"][0].update(image_id=10_000), "annotation of image 10000 names"),
     (lambda d: d["categories"][0].update(id="zero"), "category ids are not whole numbers"),
     (lambda d: d["images"][0].update(file_name="elsewhere/0.jpg"), "elsewhere/0.jpg: missing"),
@@ -55,7 +58,8 @@ def test_malformed_inaturalist_annotations_are_named(edit, message, toy, tmp_pat
 def test_bad_dataset_folders_end_with_one_line_naming_the_file(toy, tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "train2018.json").write_text('{"images": [')
-    result = subprocess.run([sys.executable, str(ROOT / "probe.py"), *TINY, "--inaturalist", tmp_path],
+    result = subprocess.run([sys.executable, str(ROOT / "probe.py"), *TINY,
+                             "--inaturalist", tmp_path],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip() == f"error: {tmp_path}/annotations/train2018.json: not valid JSON " \
@@ -86,6 +90,7 @@ def test_finetuning_resumed_after_a_stop_equals_the_uninterrupted_run(toy, tmp_p
     assert {"loss", "lr", "img_per_s", "top1", "top5"} <= set(log[0])
 
 
+@pytest.mark.slow
 def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, capsys):
     flags = [*TINY, "--imagenet", toy / "imagenet"]
     run_probe(*flags, "--out", tmp_path / "one")
@@ -95,7 +100,8 @@ def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, caps
     assert virtex.load_checkpoint(tmp_path / "two" / "last.pt")["iteration"] == 5
     second = torchrun("probe.py", *flags, "--out", tmp_path / "two")
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "resuming" in second.stdout and second.stdout.count("top-1: ") == 1  # rank 0 alone prints
+    # rank 0 alone prints
+    assert "resuming" in second.stdout and second.stdout.count("top-1: ") == 1
     two = second.stdout.strip().splitlines()[-1]
     assert abs(float(one.split()[-1]) - float(two.split()[-1])) <= 1.0, (one, two)
     a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("one", "two"))
@@ -104,7 +110,8 @@ def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, caps
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
 
 
-def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(toy, tmp_path, capsys, monkeypatch):
+def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(
+        toy, tmp_path, capsys, monkeypatch):
     flags = [*TINY, "--imagenet", toy / "imagenet"]
     run_probe(*flags, "--out", tmp_path / "straight")
     whole = last_line(capsys)
@@ -120,7 +127,8 @@ def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(
     monkeypatch.setattr(probe, "lr_factor", lr_factor)
     run_probe(*flags, "--out", tmp_path / "preempted")
     assert last_line(capsys) == whole
-    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("straight", "preempted"))
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"]
+            for d in ("straight", "preempted"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -129,7 +137,8 @@ def test_top1_and_top5_count_the_best_and_the_five_best_classes(toy):
         def forward(self, x):
             return torch.arange(20.0, 0, -1).expand(len(x), 20)
     model = Ranked()
-    run = SimpleNamespace(processes=virtex.Processes(0, 1, torch.device("cpu")), model=model, trained=model,
+    run = SimpleNamespace(processes=virtex.Processes(0, 1, torch.device("cpu")), model=model,
+                          trained=model,
                           recipe=SimpleNamespace(batch_size=32, workers=0, amp="off"))
     val = probe.read_splits(toy / "imagenet").val  # 5 images of each of the 20 classes
     assert probe.evaluate(run, val, 32) == (5.0, 25.0)
@@ -143,13 +152,16 @@ def test_an_unreadable_val_image_stops_the_run_after_the_epoch_is_saved(toy, tmp
     bad.write_bytes(bad.read_bytes()[:300])
     with pytest.raises(ValueError, match=f"{bad}: unreadable image"):
         run_probe(*TINY, "--imagenet", tmp_path / "data", "--out", tmp_path / "out")
-    assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 13  # the epoch trained is kept
+    # the epoch trained is kept
+    assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 13
 
 
 def test_fine_tuning_lr_drops_tenfold_at_epochs_70_and_90_and_linear_decays_to_zero():
     steps = (0, 119_699, 119_700, 153_899, 153_900, 170_999)
-    assert [probe.lr_factor(s, 171_000, True) for s in steps] == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
-    assert [probe.lr_factor(s, 500_500, False) for s in (0, 250_250, 500_500)] == pytest.approx([1, 0.5, 0])
+    assert [probe.lr_factor(s, 171_000, True) for s in steps] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert [probe.lr_factor(s, 500_500, False) for s in (0, 250_250, 500_500)] == pytest.approx(
+        [1, 0.5, 0])
 
 
 def test_a_last_pt_of_other_settings_or_another_backbone_is_refused(toy, tmp_path):

@@ -7,11 +7,12 @@ import probe
 import virtex
 
 
-def test_average_precision_hand_cases():
+def test_average_precision_matches_hand_computed_cases():
     assert probe.average_precision([0.9, 0.8, 0.8, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert probe.average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     assert probe.average_precision([0.1, 0.8, 0.9], [1, 0, 0]) == pytest.approx(1 / 3)
-    assert probe.average_precision([0.5] * 4, [1, 0, 0, 0]) == pytest.approx(0.25)  # all tied: the prevalence
+    # all tied: the prevalence
+    assert probe.average_precision([0.5] * 4, [1, 0, 0, 0]) == pytest.approx(0.25)
     assert probe.average_precision([0.3, 0.2], [0, 0]) == 0.0  # no positives: 0, like scikit-learn
 
 
@@ -27,8 +28,10 @@ def test_average_precision_equals_scikit_learn_with_ties():
 
 def test_stratified_folds_equal_scikit_learn():
     assert probe.stratified_folds(torch.tensor([1, 1, 1, 0, 0, 0])).tolist() == [0, 1, 2, 0, 1, 2]
-    assert probe.stratified_folds(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])).tolist() == [0, 0, 0, 1, 2, 1, 1, 2, 2]
-    assert probe.stratified_folds(torch.tensor([-1, -1, 1, -1, 1, -1, -1, -1])).tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert probe.stratified_folds(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1, 0])).tolist() == [
+        0, 0, 0, 1, 2, 1, 1, 2, 2]
+    assert probe.stratified_folds(torch.tensor([-1, -1, 1, -1, 1, -1, -1, -1])).tolist() == [
+        0, 0, 0, 1, 1, 1, 2, 2]
 
 
 def svm_objective(w, x, y, cost):
@@ -54,13 +57,15 @@ def test_svm_solution_reaches_the_reference_optimum():
         cost = C * torch.where(y > 0, 2.0, 1.0)
         ours = probe.solve_svms(x, y[:, None], cost[:, None], tol=1e-8)[0]
         best = svm_objective(exact_newton(x, y, cost), x.double(), y.double(), cost.double())
-        assert svm_objective(ours.double(), x.double(), y.double(), cost.double()) == pytest.approx(best.item(), rel=1e-6)
+        objective = svm_objective(ours.double(), x.double(), y.double(), cost.double())
+        assert objective == pytest.approx(best.item(), rel=1e-6)
 
 
 def toy_features(n, seed):
     g = torch.Generator().manual_seed(seed)
     labels = (torch.rand(n, 3, generator=g) < 0.3).long()
-    x = torch.nn.functional.normalize(labels.float() @ torch.randn(3, 16, generator=g) + torch.randn(n, 16, generator=g), dim=1)
+    x = labels.float() @ torch.randn(3, 16, generator=g) + torch.randn(n, 16, generator=g)
+    x = torch.nn.functional.normalize(x, dim=1)
     return x, labels
 
 
@@ -83,7 +88,8 @@ def test_svm_protocol_matches_scikit_learn():
     pytest.importorskip("sklearn")
     x_train, y_train, x_test, y_test = probe.synthetic_features(400, 300, 32, classes=4)
     reference = probe.sklearn_voc07(x_train, y_train, x_test, y_test)
-    torch.testing.assert_close(probe.evaluate_svms(x_train, y_train, x_test, y_test), reference.float(), atol=0.05, rtol=0)
+    torch.testing.assert_close(probe.evaluate_svms(x_train, y_train, x_test, y_test),
+                               reference.float(), atol=0.05, rtol=0)
 
 
 # -- on the toy VOC ----------------------------------------------------------------------------
@@ -93,7 +99,8 @@ def checkpoint(tmp_path, toy):
     from dataclasses import asdict
     torch.manual_seed(0)
     cfg = virtex.Config(backbone="resnet18", hidden=32, heads=2, vocab_size=64, image_size=32)
-    virtex.save_checkpoint(tmp_path / "tiny.pt", {"model": virtex.VirTex(cfg).state_dict(), "config": asdict(cfg)})
+    virtex.save_checkpoint(tmp_path / "tiny.pt",
+                           {"model": virtex.VirTex(cfg).state_dict(), "config": asdict(cfg)})
     return tmp_path / "tiny.pt"
 
 
@@ -101,7 +108,8 @@ def run_probe(*argv):
     probe.main(probe.get_args_parser().parse_args([str(a) for a in argv]))
 
 
-def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_path, capsys, monkeypatch):
+def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_path, capsys,
+                                                        monkeypatch):
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
     run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0, "--features", tmp_path / "f.pt")
     lines = capsys.readouterr().out.strip().splitlines()
@@ -109,8 +117,10 @@ def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_pat
     model, _ = virtex.load_model(checkpoint)
     expected = probe.voc07(model.visual, voc, 32, torch.device("cpu"), workers=0).mean()
     assert lines[-1] == f"mAP: {expected:.2f}"  # the protocol's number, printed last
-    monkeypatch.setattr(probe, "extract", lambda *a, **k: pytest.fail("features were extracted again"))
-    run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0, "--features", tmp_path / "f.pt", "--costs", 1)
+    monkeypatch.setattr(probe, "extract",
+                        lambda *a, **k: pytest.fail("features were extracted again"))
+    run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0, "--features", tmp_path / "f.pt",
+              "--costs", 1)
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("mAP: ")
 
 
@@ -120,9 +130,11 @@ def test_init_random_without_voc_probes_the_toy_voc_as_the_demo_probes_its_floor
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     cfg = virtex.Config.from_dict({**train.TOY, "vocab_size": 128})
     floor = train.new_model(cfg, torch.device("cpu"))[0].visual  # the weights the demo's floor probes
-    expected = probe.voc07(floor, toy / "voc" / "VOCdevkit" / "VOC2007", cfg.image_size, torch.device("cpu"), workers=0)
+    expected = probe.voc07(floor, toy / "voc" / "VOCdevkit" / "VOC2007", cfg.image_size,
+                           torch.device("cpu"), workers=0)
     assert printed == f"mAP: {expected.mean():.2f}"
-    (_, visual, size, _), = probe.backbones(probe.get_args_parser().parse_args(["--init", "random", "--voc", "VOC"]))
+    args = probe.get_args_parser().parse_args(["--init", "random", "--voc", "VOC"])
+    (_, visual, size, _), = probe.backbones(args)
     assert (visual.channels, size) == (2048, 224)  # a real VOC: the paper's ResNet-50 at 224 px
 
 
@@ -133,7 +145,8 @@ def test_backbone_stays_bit_identical_while_probing(checkpoint, toy, tmp_path):
     before = {k: v.clone() for k, v in visual.state_dict().items()}
     probe.voc07(visual, toy / "voc" / "VOCdevkit" / "VOC2007", size, torch.device("cpu"), workers=0)
     recipe = probe.Recipe(epochs=1, batch_size=64, workers=0)
-    probe.classify(visual, probe.read_splits(toy / "imagenet"), size, tmp_path, recipe, virtex.init_processes())
+    probe.classify(visual, probe.read_splits(toy / "imagenet"), size, tmp_path, recipe,
+                   virtex.init_processes())
     assert all(torch.equal(before[k], v) for k, v in visual.state_dict().items())
 
 
@@ -150,7 +163,7 @@ def test_an_incomplete_voc_folder_names_the_missing_file(toy, tmp_path):
         probe.read_voc(voc, "test")
 
 
-def test_random_and_torchvision_inits(tmp_path):
+def test_random_inits_repeat_and_torchvision_weights_load(tmp_path):
     import torchvision
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     visual, size = probe.load_backbone(f"torchvision:{tmp_path / 'r18.pth'}")
@@ -166,10 +179,12 @@ def test_a_feature_cache_of_other_weights_is_refused(checkpoint, toy, tmp_path):
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
     model, _ = virtex.load_model(checkpoint)
     visual, size = model.visual, model.cfg.image_size
-    probe.VOC07(voc, size, workers=0).cached_features(visual, torch.device("cpu"), tmp_path / "f.pt")
+    probe.VOC07(voc, size, workers=0).cached_features(visual, torch.device("cpu"),
+                                                      tmp_path / "f.pt")
     other, _ = probe.load_backbone("random", "resnet18", seed=1)
     with pytest.raises(ValueError, match="f.pt: features of"):
-        probe.VOC07(voc, size, workers=0).cached_features(other, torch.device("cpu"), tmp_path / "f.pt")
+        probe.VOC07(voc, size, workers=0).cached_features(other, torch.device("cpu"),
+                                                          tmp_path / "f.pt")
 
 
 def test_malformed_voc_labels_are_named(toy, tmp_path):
@@ -191,7 +206,8 @@ def test_cached_inputs_give_the_features_of_fresh_decoding(checkpoint, toy, monk
     monkeypatch.setattr(probe.Images, "__getitem__", lambda *_: pytest.fail("decoded again"))
     second = cached.features(model.visual, cpu)
     for split in ("trainval", "test"):
-        assert torch.equal(first[split][0], fresh[split][0]) and torch.equal(second[split][0], fresh[split][0])
+        assert (torch.equal(first[split][0], fresh[split][0])
+                and torch.equal(second[split][0], fresh[split][0]))
     assert sum(s.nbytes() for s, _ in cached.splits.values()) == 48 * 3 * 32 * 32  # uint8 images
 
 
@@ -199,11 +215,13 @@ def test_shards_are_the_same_batches_whatever_the_number_of_processes():
     keys = list(range(150))
     alone = virtex.shard(keys, batch_size=64)
     dealt = [virtex.shard(keys, rank, 2, batch_size=64) for rank in range(2)]
-    assert alone == [keys[:64], keys[64:128], keys[128:]] and dealt == [[keys[:64], keys[128:]], [keys[64:128]]]
+    assert (alone == [keys[:64], keys[64:128], keys[128:]]
+            and dealt == [[keys[:64], keys[128:]], [keys[64:128]]])
     parts = [[(b, torch.tensor(b)) for b in batches] for batches in dealt]
     assert torch.cat([x for _, x in virtex.gather(parts[0] + parts[1], None)]).tolist() == keys
 
 
+@pytest.mark.slow
 def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
     from conftest import torchrun
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
@@ -216,6 +234,7 @@ def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
 
 def test_probe_features_have_unit_norm(checkpoint, toy):
     model, _ = virtex.load_model(checkpoint)
-    splits = probe.VOC07(toy / "voc" / "VOCdevkit" / "VOC2007", 32, workers=0).features(model.visual, torch.device("cpu"))
+    voc = probe.VOC07(toy / "voc" / "VOCdevkit" / "VOC2007", 32, workers=0)
+    splits = voc.features(model.visual, torch.device("cpu"))
     for x, _ in splits.values():
         torch.testing.assert_close(x.norm(dim=1), torch.ones(len(x)))

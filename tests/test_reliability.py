@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -34,8 +33,10 @@ def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_pat
     (coco / "annotations" / "captions_train2017.json").write_text(json.dumps(captions))
     run(coco, tmp_path / "out", "--iterations", "4", "--checkpoint-every", "100")
     output = capsys.readouterr().out
-    assert "000000000002.jpg" in output and "000000000003.jpg" in output  # each named (once per run)
-    assert "000000000004.jpg" not in output and "000000000005.png" not in output  # CMYK and 16-bit are fine
+    # each named (once per run)
+    assert "000000000002.jpg" in output and "000000000003.jpg" in output
+    # CMYK and 16-bit are fine
+    assert "000000000004.jpg" not in output and "000000000005.png" not in output
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
     assert sum(line.get("unreadable_images", 0) for line in log) >= 2
     assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 4
@@ -68,10 +69,12 @@ def test_empty_captions_are_dropped_and_captionless_images_skipped(coco, capsys)
             ann["caption"] = "   "
         if ann["image_id"] == 2:
             ann["caption"] = None if ann["id"] % 2 else "  a red circle  "
-    captions["annotations"].append({"id": 999, "image_id": 3, "caption": "Größer als ein großer Kreis, très long " * 20})
+    captions["annotations"].append({"id": 999, "image_id": 3,
+                                    "caption": "Größer als ein großer Kreis, très long " * 20})
     path.write_text(json.dumps(captions))
     items = dict((p.name, c) for p, c in virtex.read_captions(coco, "train"))
-    assert "000000000001.jpg" not in items and items["000000000002.jpg"] in (["a red circle"], ["a red circle"] * 2)
+    assert "000000000001.jpg" not in items and items["000000000002.jpg"] in (
+        ["a red circle"], ["a red circle"] * 2)
     assert "1 images without a non-empty caption skipped" in capsys.readouterr().err
 
 
@@ -82,9 +85,11 @@ def test_empty_captions_are_dropped_and_captionless_images_skipped(coco, capsys)
     (["--data", "{coco}", "--batch-size", "0"], "batch size must be at least 1"),
     (["--data", "{coco}", "--image-size", "16"], "image size 16 is too small"),
     (["--data", "{coco}", "--backbone", "vgg16"], "must be a torchvision ResNet"),
-    (["--data", "{coco}", "--vocab", "{tmp}/v.model", "--vocab-size", "100"], "has 64 tokens, not --vocab-size 100"),
+    (["--data", "{coco}", "--vocab", "{tmp}/v.model", "--vocab-size", "100"],
+     "has 64 tokens, not --vocab-size 100"),
     (["--data", "{coco}", "--vocab", "{tmp}/typo.model"], "--vocab {tmp}/typo.model: no such file"),
-    (["--data", "{coco}", "--vocab", "{tmp}/notes.txt"], "{tmp}/notes.txt: not a SentencePiece model"),
+    (["--data", "{coco}", "--vocab", "{tmp}/notes.txt"],
+     "{tmp}/notes.txt: not a SentencePiece model"),
     (["--data", "{tmp}/no_images"], "{tmp}/no_images/train2017: missing"),
 ])
 def test_wrong_invocations_end_with_one_clear_line(flags, message, coco, tmp_path, tokenizer):
@@ -99,7 +104,8 @@ def test_wrong_invocations_end_with_one_clear_line(flags, message, coco, tmp_pat
 
 
 def test_a_bad_invocation_prints_no_traceback(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nowhere")], cwd=ROOT,
+    result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nowhere")],
+                            cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr == f"error: --data {tmp_path / 'nowhere'} is not a folder\n"
 
@@ -107,22 +113,27 @@ def test_a_bad_invocation_prints_no_traceback(tmp_path):
 def test_a_vocabulary_that_does_not_match_the_checkpoint_is_refused(tmp_path, model, cfg):
     from dataclasses import asdict
     virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": asdict(cfg)})
-    virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other", vocab_size=100)
+    virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other",
+                           vocab_size=100)
     Image.new("RGB", (40, 40)).save(tmp_path / "x.jpg")
     with pytest.raises(SystemExit, match="carries no vocabulary"):
         virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), str(tmp_path / "x.jpg")])
     with pytest.raises(SystemExit, match="has 100 tokens but .* predicts 64"):
-        virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--vocab", str(tmp_path / "other.model"), str(tmp_path / "x.jpg")])
+        virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"),
+                     "--vocab", str(tmp_path / "other.model"), str(tmp_path / "x.jpg")])
 
 
 def test_a_foreign_or_other_vocabulary_last_pt_refuses_to_resume(coco, tmp_path, tokenizer):
     run(coco, tmp_path / "a", "--iterations", "4", "--stop-after", "2")
-    virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other", vocab_size=64)
+    virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other",
+                           vocab_size=64)
     with pytest.raises(SystemExit, match="other settings \\(vocabulary\\)"):
         run(coco, tmp_path / "a", "--iterations", "4", "--vocab", str(tmp_path / "other.model"))
     (tmp_path / "b").mkdir()
-    virtex.save_checkpoint(tmp_path / "b" / "last.pt", {"model": virtex.load_checkpoint(tmp_path / "a" / "last.pt")["model"]})
-    with pytest.raises(SystemExit, match="b/last.pt is not a train.py checkpoint \\(no optimizer, iteration, config, vocab\\)"):
+    virtex.save_checkpoint(tmp_path / "b" / "last.pt",
+                           {"model": virtex.load_checkpoint(tmp_path / "a" / "last.pt")["model"]})
+    with pytest.raises(SystemExit,
+                       match="b/last.pt is not a train.py checkpoint \\(no optimizer, iteration, config, vocab\\)"):
         run(coco, tmp_path / "b", "--iterations", "4")
 
 
@@ -194,14 +205,17 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(coco, tmp_path
     monkeypatch.setattr(virtex, "set_lr", preempt_at_third_step)
     run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
     assert virtex.load_checkpoint(tmp_path / "preempted" / "last.pt")["iteration"] == 3
-    assert "val_loss" not in (tmp_path / "preempted" / "log.jsonl").read_text()  # saved, not evaluated
+    # saved, not evaluated
+    assert "val_loss" not in (tmp_path / "preempted" / "log.jsonl").read_text()
     monkeypatch.setattr(virtex, "set_lr", set_lr)
     run(coco, tmp_path / "preempted", "--iterations", "6", "--checkpoint-every", "100")
-    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in ("straight", "preempted"))
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"]
+            for d in ("straight", "preempted"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(coco, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(coco, tmp_path,
+                                                                                monkeypatch):
     forward, calls = virtex.VirTex.forward, []
     def nan_at_third_step(self, *args):
         output = forward(self, *args)
@@ -211,11 +225,13 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(SystemExit, match="non-finite loss at iteration 3"):
         run(coco, tmp_path, "--iterations", "6", "--checkpoint-every", "2")
     checkpoint = virtex.load_checkpoint(tmp_path / "last.pt")
-    assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in checkpoint["model"].values() if v.is_floating_point())
+    weights = [v for v in checkpoint["model"].values() if v.is_floating_point()]
+    assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in weights)
 
 
 @pytest.mark.parametrize("column", ["grad_norm", "loss_backward"])
-def test_one_non_finite_value_in_one_column_stops_the_run_at_its_step(coco, tmp_path, monkeypatch, column):
+def test_one_non_finite_value_in_one_column_stops_the_run_at_its_step(coco, tmp_path, monkeypatch,
+                                                                      column):
     """Checked once per log interval (here iterations 3-4), yet named at its own step."""
     calls = []
     if column == "grad_norm":

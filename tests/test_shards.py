@@ -29,14 +29,16 @@ def test_every_reader_gets_shards_of_its_own_or_a_clear_error(toy, tokenizer, cf
         virtex.CaptionShards(shards, samples, replace(cfg, workers=4), rank=0, world=4)
     streams = [iter(virtex.CaptionShards(shards, samples, replace(cfg, workers=0), r, 2)) for r in range(2)]
     first = [next(stream) for stream in streams]
-    assert [batch[4][0] for batch in first] == [0, 1]  # reader = rank (one per rank without workers)
+    # reader = rank (one per rank without workers)
+    assert [batch[4][0] for batch in first] == [0, 1]
     assert not torch.equal(first[0][1], first[1][1])  # different samples
 
 
 def test_every_epoch_reads_the_shards_in_a_new_order(toy, tokenizer, cfg):
     from dataclasses import replace
     samples = virtex.CaptioningDataset([], tokenizer, cfg)
-    stream = iter(virtex.CaptionShards(virtex.expand_shards(toy / "shards"), samples, replace(cfg, workers=0, batch_size=8)))
+    stream = iter(virtex.CaptionShards(virtex.expand_shards(toy / "shards"), samples,
+                                       replace(cfg, workers=0, batch_size=8)))
     batches = [next(stream) for _ in range(12)]  # two epochs of the 48 toy images
     assert [batch[4][1] for batch in batches] == [0] * 6 + [1] * 6  # the epoch of the next sample
     assert not torch.equal(batches[0][0], batches[6][0])
@@ -57,8 +59,10 @@ def test_training_from_shards_resumes_exactly_with_loader_workers(toy, tmp_path)
         run_train(tmp_path / "b", *flags[:-4], "--workers", "3", "--iterations", "6")
 
 
+@pytest.mark.slow
 def test_torchrun_on_shards_trains_and_resumes_exactly(toy, tmp_path):
-    flags = ["--data", toy / "shards", *TINY, "--iterations", "3", "--checkpoint-every", "100", "--eval-every", "100"]
+    flags = ["--data", toy / "shards", *TINY, "--iterations", "3", "--checkpoint-every", "100",
+             "--eval-every", "100"]
     for out, extra in (("a", []), ("b", ["--stop-after", "1"]), ("b", [])):
         result = torchrun("train.py", *flags, "--out", tmp_path / out, *extra)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -76,11 +80,13 @@ def add_members(tar_path, members):
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_a_corrupt_image_an_empty_caption_and_a_missing_image_are_named_and_skipped(toy, tmp_path, capsys):
+def test_a_corrupt_image_an_empty_caption_and_a_missing_image_are_named_and_skipped(toy, tmp_path,
+                                                                                    capsys):
     shards = shutil.copytree(toy / "shards", tmp_path / "shards")
     image = (toy / "coco" / "train2017" / "000000000001.jpg").read_bytes()
-    add_members(shards / "00000.tar", {"bad.jpg": b"\xff\xd8 not a jpeg", "bad.txt": b"a red circle",
-                                       "empty.jpg": image, "empty.txt": b"  \n ", "lonely.txt": b"a blue star"})
+    add_members(shards / "00000.tar",
+                {"bad.jpg": b"\xff\xd8 not a jpeg", "bad.txt": b"a red circle",
+                 "empty.jpg": image, "empty.txt": b"  \n ", "lonely.txt": b"a blue star"})
     run_train(tmp_path / "out", "--data", shards, "--iterations", "6", "--checkpoint-every", "100")
     output = capsys.readouterr().out
     for problem in ("00000.tar:bad.jpg: cannot identify image file", "00000.tar:empty: no caption",
@@ -91,18 +97,21 @@ def test_a_corrupt_image_an_empty_caption_and_a_missing_image_are_named_and_skip
     assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 6
 
 
-def test_a_vocabulary_is_built_from_at_most_the_stated_number_of_captions(toy, monkeypatch, tmp_path):
+def test_a_vocabulary_is_built_from_at_most_the_stated_number_of_captions(toy, monkeypatch,
+                                                                          tmp_path):
     captions = list(virtex.shard_captions(virtex.expand_shards(toy / "shards"), 7))
     assert len(captions) == 7 and captions[:5] == virtex.read_captions(toy / "coco", "train")[0][1]
     monkeypatch.setattr(train, "VOCAB_CAPTIONS", 50)
     seen = []
     trained = virtex.Tokenizer.train
-    monkeypatch.setattr(virtex.Tokenizer, "train", lambda c, *a: seen.extend(c) or trained(seen, *a))
+    monkeypatch.setattr(virtex.Tokenizer, "train",
+                        lambda c, *a: seen.extend(c) or trained(seen, *a))
     run_train(tmp_path, "--data", toy / "shards", "--iterations", "1", "--stop-after", "1")
     assert len(seen) == 50
 
 
 def test_the_loader_benchmark_reads_shards(toy, capsys):
-    train.cli(["--benchmark", "loader", "--data", str(toy / "shards"), "--batch-size", "8", "--workers", "0",
+    train.cli(["--benchmark", "loader", "--data", str(toy / "shards"), "--batch-size", "8",
+               "--workers", "0",
                "--iterations", "2", "--image-size", "32"])
     assert "img/s over 2 batches of 8" in capsys.readouterr().out

@@ -11,7 +11,8 @@ from conftest import TINY, run_train
 def batch(cfg, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(3, 3, cfg.image_size, cfg.image_size, generator=g)
-    tokens = torch.tensor([[virtex.SOS, 5, 6, 7, 8, virtex.EOS], [virtex.SOS, 9, virtex.EOS, 0, 0, 0],
+    tokens = torch.tensor([[virtex.SOS, 5, 6, 7, 8, virtex.EOS],
+                           [virtex.SOS, 9, virtex.EOS, 0, 0, 0],
                            [virtex.SOS, 10, 11, 12, virtex.EOS, 0]])
     return images, tokens
 
@@ -20,7 +21,8 @@ def test_logits_only_at_targets_equal_the_full_computation(model, cfg):
     model.eval()
     images, tokens = batch(cfg)
     memory = model.textual.project(model.visual(images))
-    logits = model.textual.output(model.textual(memory, tokens))  # every position, as the official computes
+    # every position, as the official computes
+    logits = model.textual.output(model.textual(memory, tokens))
     full = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=0)
     torch.testing.assert_close(model(images, tokens)["loss_forward"], full)
 
@@ -77,13 +79,17 @@ def test_compiled_model_equals_eager(model, cfg):
     model.eval()
     images, tokens = batch(cfg)
     expected = model(images, tokens)["loss"]
-    torch.testing.assert_close(torch.compile(model)(images, tokens)["loss"], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.compile(model)(images, tokens)["loss"], expected, rtol=1e-4,
+                               atol=1e-4)
 
 
-def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_parameters_layout(toy, tmp_path):
+def test_a_resume_that_flips_channels_last_keeps_optimizer_state_in_each_parameters_layout(
+        toy, tmp_path):
     """Fused CUDA SGD requires parameters, gradients and momentum buffers to share strides."""
-    run_train(tmp_path, "--toy-dir", toy, "--iterations", "4", "--stop-after", "2", "--no-channels-last")
-    args = train.parse_args(["--toy-dir", str(toy), "--out", str(tmp_path), *TINY, "--iterations", "4"])
+    run_train(tmp_path, "--toy-dir", toy, "--iterations", "4", "--stop-after", "2",
+              "--no-channels-last")
+    args = train.parse_args(["--toy-dir", str(toy), "--out", str(tmp_path), *TINY,
+                             "--iterations", "4"])
     run, _, _ = train.prepare(args, 0, 1, torch.device("cpu"))
     params = run.optimizer.params
     assert any(p.dim() == 4 and not p.is_contiguous() for p in params)  # now channels_last
@@ -109,7 +115,8 @@ def test_compile_wraps_the_ddp_module(cfg, tmp_path):
     """Compiled after DDP (as PyTorch documents), so DDP's hooks overlap communication."""
     import torch.distributed as dist
     from dataclasses import replace
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
     try:
         model = virtex.VirTex(replace(cfg, compile=True))
         wrapped = train.wrap_for_training(model, model.cfg, torch.device("cpu"), distributed=True)
@@ -142,7 +149,8 @@ def scenes_with_captions(root, n=6, size=96):
         virtex.toy_scene(rng, size)[0].save(root / "train2017" / f"{i}.jpg", quality=95)
         images.append({"id": i, "file_name": f"{i}.jpg"})
         annotations.append({"id": i, "image_id": i, "caption": "a red circle left of a blue square"})
-    (root / "annotations" / "captions_train2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    captions = {"images": images, "annotations": annotations}
+    (root / "annotations" / "captions_train2017.json").write_text(json.dumps(captions))
     return root
 
 
@@ -175,7 +183,8 @@ def test_a_jpeg_that_does_not_decode_on_the_device_is_replaced_and_named(tmp_pat
 
 
 def test_resume_with_decoding_on_the_device_equals_an_uninterrupted_run(toy, tmp_path):
-    flags = ["--toy-dir", toy, "--decode", "device", "--iterations", "4", "--checkpoint-every", "100"]
+    flags = ["--toy-dir", toy, "--decode", "device", "--iterations", "4",
+             "--checkpoint-every", "100"]
     run_train(tmp_path / "a", *flags)
     run_train(tmp_path / "b", *flags, "--stop-after", "2")
     run_train(tmp_path / "b", *flags)

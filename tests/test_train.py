@@ -9,7 +9,7 @@ import torch
 import probe
 import train
 import virtex
-from conftest import ROOT, TINY, one_thread_each, run_train, torchrun, torchrun_command, two_nodes
+from conftest import ROOT, TINY, one_thread_each, run_train, torchrun_command, two_nodes
 
 
 def run(toy, out, *flags):
@@ -18,14 +18,18 @@ def run(toy, out, *flags):
 
 def test_toy_world_is_valid_coco_and_voc(toy):
     items = virtex.read_captions(toy / "coco", "train")
-    assert len(items) == 48 and all(len(captions) == 5 and path.is_file() for path, captions in items)
+    assert len(items) == 48 and all(len(captions) == 5 and path.is_file()
+                                    for path, captions in items)
     instances = json.loads((toy / "coco" / "annotations" / "instances_val2017.json").read_text())
-    assert [c["name"] for c in instances["categories"]] == list(virtex.SHAPES)  # kinds only, no colours
-    assert {a["image_id"] for a in instances["annotations"]} <= {i["id"] for i in instances["images"]}
+    # kinds only, no colours
+    assert [c["name"] for c in instances["categories"]] == list(virtex.SHAPES)
+    ids = {i["id"] for i in instances["images"]}
+    assert {a["image_id"] for a in instances["annotations"]} <= ids
     paths, labels, classes = probe.read_voc(toy / "voc" / "VOCdevkit" / "VOC2007", "test")
     assert len(paths) == 24 and classes == sorted(virtex.TOY_CLASSES) and labels.shape == (24, 20)
     assert set(labels.unique().tolist()) <= {-1, 0, 1} and (labels == 1).any()
-    assert sorted(p.name for p in (toy / "imagenet" / "train").iterdir()) == sorted(virtex.TOY_CLASSES)
+    classes = sorted(p.name for p in (toy / "imagenet" / "train").iterdir())
+    assert classes == sorted(virtex.TOY_CLASSES)
 
 
 def test_captions_name_what_the_image_shows():
@@ -53,21 +57,24 @@ def test_resume_after_stop_equals_uninterrupted_run(toy, tmp_path):
 
 def test_checkpoint_carries_its_vocabulary_and_probes(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
-    assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt", "checkpoint_2.pt", "checkpoint_4.pt"}
+    assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt", "checkpoint_2.pt",
+                                                       "checkpoint_4.pt"}
     model, tokenizer = virtex.load_model(tmp_path / "checkpoint_4.pt")
     assert tokenizer.model == (tmp_path / "vocab.model").read_bytes()
     assert model.cfg.image_size == 32 and len(tokenizer) == model.cfg.vocab_size
     assert "optimizer" not in virtex.load_checkpoint(tmp_path / "checkpoint_4.pt")
 
 
-@pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification", "multilabel_classification"])
+@pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification",
+                                  "multilabel_classification"])
 def test_every_task_trains_and_its_checkpoint_loads_back(task, toy, tmp_path):
     run(toy, tmp_path, "--task", task, "--iterations", "2", "--checkpoint-every", "2")
     model, _ = virtex.load_model(tmp_path / "last.pt")
     assert model.cfg.task == task and not hasattr(model, "backward_textual")
     assert model.cfg.vocab_size == (len(virtex.SHAPES) + 1 if task == "multilabel_classification" else 64)
     state = virtex.load_checkpoint(tmp_path / "last.pt")["model"]
-    official = virtex.from_official(tmp_path / "last.pt", heads=2, task=task)  # the official reader sees the same model
+    # the official reader sees the same model
+    official = virtex.from_official(tmp_path / "last.pt", heads=2, task=task)
     assert all(torch.equal(official.state_dict()[k], v) for k, v in state.items())
 
 
@@ -80,8 +87,10 @@ def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, 
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 5
 
 
+@pytest.mark.slow
 def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy, tmp_path):
-    flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4", "--checkpoint-every", "100"]
+    flags = ["--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "4",
+             "--checkpoint-every", "100"]
     for node in two_nodes("train.py", *flags, "--stop-after", "2"):
         assert node.returncode == 0, node.stderr[-2000:]
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 2
@@ -91,25 +100,32 @@ def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy,
     assert virtex.load_checkpoint(tmp_path / "last.pt")["iteration"] == 4
     # The record the two ranks wrote together equals one process evaluating the same weights.
     logged = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["iteration"] for r in logged if "val_loss" in r] == [2, 4]  # one writer, no duplicates
+    # one writer, no duplicates
+    assert [r["iteration"] for r in logged if "val_loss" in r] == [2, 4]
     shared = next(r for r in logged if r.get("iteration") == 4 and "val_loss" in r)
-    run, _, val_data = train.prepare(train.parse_args([str(f) for f in flags]), 0, 1, torch.device("cpu"))
+    run, _, val_data = train.prepare(train.parse_args([str(f) for f in flags]), 0, 1,
+                                     torch.device("cpu"))
     sets = train.eval_sets(run, val_data)
     assert train.validate(run, sets["val"]) == pytest.approx(shared["val_loss"], rel=1e-3)
-    assert train.val_cider(run, sets["val"], val_data) == pytest.approx(shared["val_cider"], abs=1e-6)
+    assert train.val_cider(run, sets["val"], val_data) == pytest.approx(shared["val_cider"],
+                                                                        abs=1e-6)
     splits = sets["voc"].features(run.model.visual, run.device)
-    assert sets["voc"].evaluate(splits, run.device).mean().item() == pytest.approx(shared["voc_map"], abs=0.05)
+    voc_map = sets["voc"].evaluate(splits, run.device).mean().item()
+    assert voc_map == pytest.approx(shared["voc_map"], abs=0.05)
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
     import re
     import signal
-    command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY, "--iterations", "200",
+    command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY,
+                               "--iterations", "200",
                                "--checkpoint-every", "1000")
     process = subprocess.Popen(command, cwd=ROOT, env=one_thread_each(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     progress = b""
-    while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):  # rank 0's progress bar: training is under way
+    # rank 0's progress bar: training is under way
+    while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk, progress.decode()[-2000:]
         progress += chunk
@@ -121,14 +137,17 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
 
 
 def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(virtex, "init_processes", lambda: virtex.Processes(0, 2, torch.device("cpu")))
-    with pytest.raises(SystemExit, match="^error: --batch-size 3 is not divisible by the 2 processes$"):
+    monkeypatch.setattr(virtex, "init_processes",
+                        lambda: virtex.Processes(0, 2, torch.device("cpu")))
+    with pytest.raises(SystemExit,
+                       match="^error: --batch-size 3 is not divisible by the 2 processes$"):
         run(toy, tmp_path, "--batch-size", "3")
 
 
 def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "1", "--eval-every", "2")
-    assert {p.name for p in tmp_path.glob("checkpoint_*.pt")} == {f"checkpoint_{i}.pt" for i in range(1, 5)}
+    kept = {p.name for p in tmp_path.glob("checkpoint_*.pt")}
+    assert kept == {f"checkpoint_{i}.pt" for i in range(1, 5)}
     records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     evaluated = [r for r in records if "val_loss" in r]
     assert [r["iteration"] for r in evaluated] == [2, 4]
@@ -147,7 +166,8 @@ def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, 
     alone, ranks = list(loaded), []
     for rank in range(2):  # each process of a two-process run, in turn
         loaded.clear()
-        monkeypatch.setattr(virtex, "init_processes", lambda: virtex.Processes(rank, 2, torch.device("cpu")))
+        monkeypatch.setattr(virtex, "init_processes",
+                            lambda: virtex.Processes(rank, 2, torch.device("cpu")))
         run_train(tmp_path / f"rank{rank}", *flags, "--vocab", tmp_path / "alone" / "vocab.model")
         ranks.append(list(loaded))
     assert len(alone) == 16 and ranks == [alone[0:4] + alone[8:12], alone[4:8] + alone[12:16]]
@@ -156,7 +176,8 @@ def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, 
 def test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint(toy, tmp_path, monkeypatch):
     import itertools
     maps = itertools.chain([50.0, 10.0], itertools.repeat(0.0))
-    monkeypatch.setattr(probe.VOC07, "evaluate", lambda self, splits, device: torch.full((20,), next(maps)))
+    monkeypatch.setattr(probe.VOC07, "evaluate",
+                        lambda self, splits, device: torch.full((20,), next(maps)))
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2", "--stop-after", "2")
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
     best = virtex.load_checkpoint(tmp_path / "best.pt")
@@ -179,12 +200,15 @@ def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
     seeds, manual_seed = [], torch.manual_seed
     monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or manual_seed(seed))
     run(toy, tmp_path, "--iterations", "3", "--checkpoint-every", "100")
-    steps = seeds[seeds.index(virtex.mix_seed(0, 1, 0)):][:3]  # the loop's, iterations 1-3 of rank 0
+    # the loop's, iterations 1-3 of rank 0
+    steps = seeds[seeds.index(virtex.mix_seed(0, 1, 0)):][:3]
     assert steps == [virtex.mix_seed(0, i, 0) for i in (1, 2, 3)] and len(set(steps)) == 3
 
 
 def test_evaluation_follows_the_runs_precision(toy, tmp_path, monkeypatch):
     asked, autocast = [], virtex.autocast
-    monkeypatch.setattr(virtex, "autocast", lambda device, amp="bf16": asked.append(amp) or autocast(device, amp))
+    monkeypatch.setattr(virtex, "autocast",
+                        lambda device, amp="bf16": asked.append(amp) or autocast(device, amp))
     run(toy, tmp_path, "--iterations", "2", "--checkpoint-every", "100", "--amp", "off")
-    assert len(asked) >= 6 and set(asked) == {"off"}  # 2 training steps, val loss, CIDEr, 2 VOC07 splits
+    # 2 training steps, val loss, CIDEr, 2 VOC07 splits
+    assert len(asked) >= 6 and set(asked) == {"off"}

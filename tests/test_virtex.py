@@ -14,19 +14,21 @@ from torch import nn
 import virtex
 from conftest import write_coco
 
-HEAD_KEYS = ["visual_projection.weight", "visual_projection.bias", "embedding.words.weight", "embedding.positions.weight",
-             "embedding.layer_norm.weight", "embedding.layer_norm.bias"] + [
+HEAD_KEYS = ["visual_projection.weight", "visual_projection.bias", "embedding.words.weight",
+             "embedding.positions.weight", "embedding.layer_norm.weight", "embedding.layer_norm.bias"] + [
     f"transformer.layers.0.{name}" for name in (
-        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-        "multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias", "multihead_attn.out_proj.weight",
-        "multihead_attn.out_proj.bias", "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
+        "self_attn.in_proj_weight", "self_attn.in_proj_bias", "self_attn.out_proj.weight",
+        "self_attn.out_proj.bias", "multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias",
+        "multihead_attn.out_proj.weight", "multihead_attn.out_proj.bias",
+        "linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias",
         "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias", "norm3.weight", "norm3.bias")] + [
     "output.weight", "output.bias"]
 
 
 def official_keys():
     """The 370 state-dict keys of the official bicaptioning_R_50_L1_H2048 checkpoints, in order."""
-    cnn = [f"visual.cnn.{k}" for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")]
+    cnn = [f"visual.cnn.{k}" for k in torchvision.models.resnet50().state_dict()
+           if not k.startswith("fc.")]
     return cnn + [f"textual.{k}" for k in HEAD_KEYS] + [f"backward_textual.{k}" for k in HEAD_KEYS]
 
 
@@ -55,10 +57,12 @@ def test_a_vocabulary_with_other_special_ids_is_refused_by_piece(tmp_path):
     import sentencepiece as spm
     from conftest import CAPTIONS
     buffer = io.BytesIO()  # SentencePiece's defaults: <unk> 0, <s> 1, </s> 2, no [SOS]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_writer=buffer, vocab_size=30,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CAPTIONS), model_writer=buffer,
+                                   vocab_size=30,
                                    minloglevel=2)
     (tmp_path / "other.model").write_bytes(buffer.getvalue())
-    with pytest.raises(ValueError, match=r"other.model: \[SOS\] is id 0, not 1; build it with Tokenizer.train"):
+    with pytest.raises(ValueError,
+                       match=r"other.model: \[SOS\] is id 0, not 1; build it with Tokenizer.train"):
         virtex.Tokenizer(tmp_path / "other.model")
 
 
@@ -80,13 +84,15 @@ def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
     image.paste((0, 0, 255), (40, 0, 80, 60))  # red left half, blue right half
     image.save(tmp_path / "train2017" / "1.jpg")
     (tmp_path / "annotations" / "captions_train2017.json").write_text(json.dumps({
-        "images": [{"id": 1, "file_name": "1.jpg"}], "annotations": [{"id": 1, "image_id": 1, "caption": "A red circle Left of a blue circle"}]}))
+        "images": [{"id": 1, "file_name": "1.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "caption": "A red circle Left of a blue circle"}]}))
     data = virtex.CaptioningDataset(virtex.read_captions(tmp_path, "train"), tokenizer,
                                     dataclasses.replace(cfg, crop_scale=1.0))
     seen = set()
     for seed in range(20):
         image, tokens, _ = data[(0, seed)]
-        flipped = bool(image[2, :, :16].float().mean() > image[0, :, :16].float().mean())  # blue on the left
+        # blue on the left
+        flipped = bool(image[2, :, :16].float().mean() > image[0, :, :16].float().mean())
         text = tokenizer.decode(tokens.tolist())
         assert text == ("a red circle right of a blue circle" if flipped else "a red circle left of a blue circle")
         seen.add(flipped)
@@ -94,7 +100,8 @@ def test_a_flipped_image_gets_the_mirrored_caption(tmp_path, tokenizer, cfg):
 
 
 def test_random_crops_span_the_configured_scales_and_aspects_flips_and_jitter_vary():
-    drawn = [virtex.draw_augmentation(640, 480, 0.2, torch.Generator().manual_seed(s)) for s in range(400)]
+    drawn = [virtex.draw_augmentation(640, 480, 0.2, torch.Generator().manual_seed(s))
+             for s in range(400)]
     for a in drawn:
         top, left, h, w = a.box
         assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
@@ -102,7 +109,8 @@ def test_random_crops_span_the_configured_scales_and_aspects_flips_and_jitter_va
     aspects = [a.box[3] / a.box[2] for a in drawn]
     assert min(areas) < 0.25 and max(areas) > 0.9 and min(aspects) < 0.8 and max(aspects) > 1.25
     assert 160 < sum(a.flip for a in drawn) < 240 and 290 < sum(bool(a.jitter) for a in drawn) < 350
-    factors = torch.tensor([a.jitter for a in drawn if a.jitter])  # brightness, contrast, saturation, hue
+    # brightness, contrast, saturation, hue
+    factors = torch.tensor([a.jitter for a in drawn if a.jitter])
     assert (factors[:, :3].min(0).values < 0.65).all() and (factors[:, :3].max(0).values > 1.35).all()
     assert factors[:, 3].min() < -0.09 and factors[:, 3].max() > 0.09
     assert len({a.order for a in drawn if a.jitter}) == 24  # every order of the four adjustments
@@ -143,7 +151,8 @@ def test_long_captions_are_cut_to_max_length_without_eos(tmp_path, tokenizer, cf
 
 def test_stream_shards_every_global_batch_disjointly_and_resumes():
     full = list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6))
-    ranks = [list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6, rank=r, world=2)) for r in range(2)]
+    ranks = [list(virtex.ResumableSampler(10, 4, seed=0, start=0, stop=6, rank=r, world=2))
+             for r in range(2)]
     for i, batch in enumerate(full):
         assert ranks[0][i] + ranks[1][i] == batch
     assert list(virtex.ResumableSampler(10, 4, seed=0, start=3, stop=6)) == full[3:]
@@ -166,7 +175,7 @@ def captions(*rows):
     return nn.utils.rnn.pad_sequence(seqs, batch_first=True)
 
 
-def test_shapes(model, cfg):
+def test_the_grid_has_512_channels_and_the_loss_sums_both_heads(model, cfg):
     images = torch.randn(2, 3, 64, 64)
     assert model.visual(images).shape == (2, 512, 2, 2)
     out = model(images, captions([5, 6, 7], [8]))
@@ -184,9 +193,11 @@ def test_backward_loss_is_the_cross_entropy_of_the_reversed_caption(model):
     model.eval()
     images, tokens = torch.randn(2, 3, 64, 64), captions([5, 6, 7], [8])
     memory = model.textual.project(model.visual(images))
-    reversed_ = torch.tensor([[virtex.EOS, 7, 6, 5, virtex.SOS], [virtex.EOS, 8, virtex.SOS, 0, 0]])  # by hand
+    # by hand
+    reversed_ = torch.tensor([[virtex.EOS, 7, 6, 5, virtex.SOS], [virtex.EOS, 8, virtex.SOS, 0, 0]])
     logits = model.backward_textual.output(model.backward_textual(memory, reversed_[:, :-1]))
-    expected = nn.functional.cross_entropy(logits.flatten(0, 1), reversed_[:, 1:].flatten(), ignore_index=0)
+    expected = nn.functional.cross_entropy(logits.flatten(0, 1), reversed_[:, 1:].flatten(),
+                                           ignore_index=0)
     torch.testing.assert_close(model(images, tokens)["loss_backward"], expected)
 
 
@@ -194,7 +205,8 @@ def test_backward_head_shares_all_but_its_decoder(model):
     f, b = model.textual, model.backward_textual
     assert b.embedding is f.embedding and b.visual_projection is f.visual_projection and b.output is f.output
     assert f.output.weight is f.embedding.words.weight
-    assert all(torch.equal(p, q) and p is not q for p, q in zip(f.transformer.parameters(), b.transformer.parameters()))
+    assert all(torch.equal(p, q) and p is not q for p, q in zip(f.transformer.parameters(),
+                                                                b.transformer.parameters()))
 
 
 def hidden_states(head, model, images, tokens):
@@ -205,7 +217,8 @@ def test_forward_head_cannot_see_later_words(model):
     model.eval()
     images = torch.randn(1, 3, 64, 64)
     a, b = captions([5, 6, 7, 8]), captions([5, 6, 9, 10])  # differ from position 3 on
-    ha, hb = hidden_states(model.textual, model, images, a), hidden_states(model.textual, model, images, b)
+    ha = hidden_states(model.textual, model, images, a)
+    hb = hidden_states(model.textual, model, images, b)
     assert torch.allclose(ha[:, :3], hb[:, :3], atol=1e-6)
     assert not torch.allclose(ha[:, 3:], hb[:, 3:], atol=1e-3)
 
@@ -235,7 +248,8 @@ def test_masked_lm_attention_does_not_see_padding(cfg):
     padded = torch.cat([alone, torch.zeros(1, 3, dtype=torch.long)], 1)
     lengths = torch.tensor([5])
     expected = model.textual(memory, alone, causal=False, lengths=lengths)
-    torch.testing.assert_close(model.textual(memory, padded, causal=False, lengths=lengths)[:, :5], expected)
+    torch.testing.assert_close(model.textual(memory, padded, causal=False, lengths=lengths)[:, :5],
+                               expected)
 
 
 def test_padding_and_unknown_positions_embed_to_zero(model):
@@ -249,13 +263,15 @@ def test_decoder_layer_equals_torch_transformer_decoder_layer():
     """The official heads are nn.TransformerDecoderLayer: ours must compute the same function."""
     torch.manual_seed(0)
     for norm_first in (False, True):
-        theirs = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, activation="gelu", batch_first=True, norm_first=norm_first).eval()
+        theirs = nn.TransformerDecoderLayer(32, 4, 64, dropout=0.1, activation="gelu",
+                                            batch_first=True, norm_first=norm_first).eval()
         ours = virtex.DecoderLayer(32, 4, 64, 0.1, norm_first).eval()
         ours.load_state_dict(theirs.state_dict())
         x, memory = torch.randn(3, 6, 32), torch.randn(3, 5, 32)
         lengths = torch.tensor([6, 4, 2])
         padding = torch.arange(6)[None] >= lengths[:, None]
-        expected = theirs(x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(6), tgt_key_padding_mask=padding)
+        expected = theirs(x, memory, tgt_mask=nn.Transformer.generate_square_subsequent_mask(6),
+                          tgt_key_padding_mask=padding)
         got = ours(x, memory, causal=True, mask=None)
         for i, n in enumerate(lengths):  # positions beyond a caption's length are never used
             torch.testing.assert_close(got[i, :n], expected[i, :n], atol=1e-5, rtol=1e-5)
@@ -290,7 +306,8 @@ def table_scorer(table, vocab=6):
 
 def test_beam_search_finds_the_best_sequence_greedy_misses():
     # Greedy takes 4 (0.6) then anything at 0.34; beam search finds 5 -> 5-chain at 0.4 * 1.0.
-    table = {virtex.SOS: {4: 0.6, 5: 0.4}, 4: {virtex.EOS: 0.34, 4: 0.33, 5: 0.33}, 5: {virtex.EOS: 1.0}}
+    table = {virtex.SOS: {4: 0.6, 5: 0.4}, 4: {virtex.EOS: 0.34, 4: 0.33, 5: 0.33},
+             5: {virtex.EOS: 1.0}}
     assert virtex.beam_search(table_scorer(table), 1, beam=1) == [[4]]
     assert virtex.beam_search(table_scorer(table), 1, beam=2) == [[5]]
 
@@ -337,7 +354,7 @@ def test_lookahead_resumes_exactly_mid_cycle():
     assert torch.equal(run_lookahead(13, resume_at=7), run_lookahead(13))
 
 
-def test_lr_schedule_values():
+def test_lr_warms_up_linearly_then_decays_to_zero():
     m = lambda s: virtex.lr_multiplier(s, 10_000, 500_000)
     assert m(0) == 0 and m(5_000) == 0.5 and m(10_000) == 1.0
     assert m(255_000) == pytest.approx(0.5) and m(500_000) == pytest.approx(0.0, abs=1e-12)
@@ -345,9 +362,11 @@ def test_lr_schedule_values():
 
 def test_no_decay_set_equals_official_regex_on_official_keys():
     official = re.compile(r".*textual.(embedding|transformer).*(norm.*|bias)")
-    keys = [k for k in official_keys() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    keys = [k for k in official_keys() if not k.endswith(("running_mean", "running_var",
+                                                          "num_batches_tracked"))]
     assert [k for k in keys if virtex.no_weight_decay(k)] == [k for k in keys if official.match(k)]
-    assert sum(map(virtex.no_weight_decay, keys)) == 2 + 2 * 12 + 2  # embedding LN + decoder norms/biases, both heads
+    # embedding LN + decoder norms/biases, both heads
+    assert sum(map(virtex.no_weight_decay, keys)) == 2 + 2 * 12 + 2
 
 
 def test_param_groups_split_cnn_and_decay(model, cfg):
@@ -389,16 +408,21 @@ def test_official_checkpoint_loads_with_from_official(tmp_path, model):
     loaded = virtex.from_official(tmp_path / "official.pth", heads=2)
     assert loaded.cfg.backbone == "resnet18" and loaded.cfg.hidden == 32 and loaded.cfg.vocab_size == 64
     assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in state)
-    deduplicated = {k: v for k, v in state.items() if not k.startswith(("backward_textual.embedding", "textual.output.weight"))}
+    tied = ("backward_textual.embedding", "textual.output.weight")
+    deduplicated = {k: v for k, v in state.items() if not k.startswith(tied)}
     torch.save(deduplicated, tmp_path / "bare.pth")
-    assert torch.equal(virtex.from_official(tmp_path / "bare.pth", heads=2).textual.output.weight, state["textual.output.weight"])
+    assert torch.equal(virtex.from_official(tmp_path / "bare.pth", heads=2).textual.output.weight,
+                       state["textual.output.weight"])
 
 
 def test_saved_checkpoint_round_trips_with_its_vocabulary(tmp_path, model, tokenizer, cfg):
-    virtex.save_checkpoint(tmp_path / "ckpt.pt", {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "vocab": tokenizer.model})
+    virtex.save_checkpoint(tmp_path / "ckpt.pt",
+                           {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
+                            "vocab": tokenizer.model})
     loaded, tok = virtex.load_model(tmp_path / "ckpt.pt")
     assert loaded.cfg == cfg and tok.encode("a red circle") == tokenizer.encode("a red circle")
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
@@ -414,7 +438,8 @@ def test_a_file_that_is_not_a_checkpoint_is_named(tmp_path):
 
 def test_masked_lm_masks_the_official_fraction_never_the_ends():
     torch.manual_seed(0)
-    tokens = torch.tensor([[virtex.SOS, *range(4, 24), virtex.EOS]] * 2000)  # T = 22: ceil(0.15 * 20) = 3 chosen
+    # T = 22: ceil(0.15 * 20) = 3 chosen
+    tokens = torch.tensor([[virtex.SOS, *range(4, 24), virtex.EOS]] * 2000)
     inputs, labels = virtex.mask_tokens(tokens, virtex.lengths_of(tokens), 10_000)
     assert (labels[:, [0, -1]] == 0).all() and (inputs[:, [0, -1]] == tokens[:, [0, -1]]).all()
     supervised = labels != 0
@@ -434,10 +459,13 @@ def test_classification_targets_are_the_right_sets():
     logits = torch.zeros(1, 10, requires_grad=True)
     tokens = torch.tensor([[virtex.SOS, 5, 7, 5, virtex.EOS, 0]])
     virtex.VirTex.classification_loss(logits, tokens, "token_classification").backward()
-    assert (logits.grad[0] < 0).nonzero().flatten().tolist() == [5, 7]  # special ids and repeats are not targets
+    # special ids and repeats are not targets
+    assert (logits.grad[0] < 0).nonzero().flatten().tolist() == [5, 7]
     logits.grad = None
-    virtex.VirTex.classification_loss(logits, torch.tensor([[1, 3, 0]]), "multilabel_classification").backward()
-    assert (logits.grad[0] < 0).nonzero().flatten().tolist() == [1, 3]  # categories 1..K, 0 is padding
+    virtex.VirTex.classification_loss(logits, torch.tensor([[1, 3, 0]]),
+                                      "multilabel_classification").backward()
+    # categories 1..K, 0 is padding
+    assert (logits.grad[0] < 0).nonzero().flatten().tolist() == [1, 3]
 
 
 @pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification"])
@@ -465,7 +493,8 @@ def test_multilabel_dataset_reads_coco_instances(tmp_path, tokenizer, cfg):
 def test_max_images_is_the_same_train_subset_for_every_task(coco, tokenizer, cfg):
     path = coco / "annotations" / "captions_train2017.json"
     captions = json.loads(path.read_text())
-    captions["annotations"].reverse()  # the captions file meets images in another order than its image list
+    # the captions file meets images in another order than its image list
+    captions["annotations"].reverse()
     path.write_text(json.dumps(captions))
     (coco / "annotations" / "instances_train2017.json").write_text(json.dumps({
         "images": captions["images"], "categories": [{"id": 1, "name": "thing"}],
@@ -476,7 +505,8 @@ def test_max_images_is_the_same_train_subset_for_every_task(coco, tokenizer, cfg
                for items in tasks]
     assert subsets[0] == subsets[1] == [f"{i:012d}.jpg" for i in range(1, 6)]
     two = dataclasses.replace(cfg, max_images=2)
-    assert len(virtex.CaptioningDataset(virtex.read_captions(coco, "val"), tokenizer, two, train=False)) == 4
+    assert len(virtex.CaptioningDataset(virtex.read_captions(coco, "val"), tokenizer, two,
+                                        train=False)) == 4
 
 
 # -- captioning you can see --------------------------------------------------------------------
@@ -488,7 +518,8 @@ def test_cider_matches_hand_computed_values():
     score, per_image = virtex.cider({1: "w x y z", 2: "b"}, references)
     assert per_image == pytest.approx({1: 10.0, 2: 0.0}) and score == pytest.approx(5.0)
     # A two-word exact match has only uni- and bigrams: (1 + 1 + 0 + 0) / 4 x 10.
-    assert virtex.cider({1: "w x", 2: "a"}, {1: ["w x"], 2: ["a"]})[1] == pytest.approx({1: 5.0, 2: 2.5})
+    scores = virtex.cider({1: "w x", 2: "a"}, {1: ["w x"], 2: ["a"]})[1]
+    assert scores == pytest.approx({1: 5.0, 2: 2.5})
     # Length differences are penalised by exp(-d^2 / 72), d counted in bigrams.
     short = virtex.cider({1: "w x y z", 2: "a"}, {1: ["w x y z q r s"], 2: ["a"]})[1][1]
     assert short < 10.0 * math.exp(-9 / 72) + 1e-9
@@ -500,11 +531,13 @@ def test_cider_equals_the_coco_reference_implementation():
     rng = random.Random(0)
     words = "a red blue circle square left of two and small the".split()
     candidates = {i: " ".join(rng.choices(words, k=rng.randint(1, 8))) for i in range(15)}
-    references = {i: [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(3)] for i in range(15)}
+    references = {i: [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(3)]
+                  for i in range(15)}
     reference = scorer.CiderScorer(n=4, sigma=6.0)
     for i in candidates:
         reference += (candidates[i], references[i])
-    assert virtex.cider(candidates, references)[0] == pytest.approx(reference.compute_score()[0], rel=1e-12)
+    assert virtex.cider(candidates, references)[0] == pytest.approx(reference.compute_score()[0],
+                                                                    rel=1e-12)
 
 
 def test_caption_words_lowercases_and_drops_punctuation():
@@ -517,10 +550,12 @@ def test_attention_probabilities_reproduce_the_module_output(model):
     x, memory = torch.randn(2, 5, 32), torch.randn(2, 4, 32)
     p = virtex.attention_probabilities(attention, x, memory)  # (B, heads, T, N)
     _, _, v = attention.project(x, memory)
-    torch.testing.assert_close(attention(x, memory), attention.out_proj((p @ v).transpose(1, 2).flatten(2)))
+    torch.testing.assert_close(attention(x, memory),
+                               attention.out_proj((p @ v).transpose(1, 2).flatten(2)))
 
 
-def test_attention_pictures_read_the_last_layer_and_the_picture_is_written(tmp_path, model, tokenizer, cfg):
+def test_attention_pictures_read_the_last_layer_and_the_picture_is_written(tmp_path, model,
+                                                                           tokenizer, cfg):
     from PIL import Image
     model.eval()
     images = torch.randn(2, 3, 64, 64)
@@ -532,12 +567,16 @@ def test_attention_pictures_read_the_last_layer_and_the_picture_is_written(tmp_p
     tokens = torch.tensor([[virtex.SOS, 5, 6], [virtex.SOS, 0, 0]])
     x = head.embedding(tokens)
     x = layer.norm1(x + layer.self_attn(x, causal=True))  # the cross-attention's input (post-norm)
-    expected = virtex.attention_probabilities(layer.multihead_attn, x, memory).mean(1).unflatten(-1, (2, 2))
+    expected = virtex.attention_probabilities(layer.multihead_attn, x, memory)
+    expected = expected.mean(1).unflatten(-1, (2, 2))
     torch.testing.assert_close(maps[0], expected[0])
     torch.testing.assert_close(maps[1, :1], expected[1, :1])  # the one word of the second caption
-    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "vocab": tokenizer.model})
+    virtex.save_checkpoint(tmp_path / "m.pt",
+                           {"model": model.state_dict(), "config": dataclasses.asdict(cfg),
+                            "vocab": tokenizer.model})
     Image.new("RGB", (90, 70), "red").save(tmp_path / "red.jpg")
-    virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--beam", "2", "--attention", str(tmp_path / "att"), str(tmp_path / "red.jpg")])
+    virtex.main(["caption", "--ckpt", str(tmp_path / "m.pt"), "--beam", "2",
+                 "--attention", str(tmp_path / "att"), str(tmp_path / "red.jpg")])
     picture = Image.open(tmp_path / "att" / "red.png")
     assert picture.width >= 160 and picture.height >= 180
 
@@ -545,7 +584,9 @@ def test_attention_pictures_read_the_last_layer_and_the_picture_is_written(tmp_p
 def test_export_round_trips_into_torchvision_resnet50(cfg, tokenizer, tmp_path):
     torch.manual_seed(0)
     model = virtex.VirTex(dataclasses.replace(cfg, backbone="resnet50"))
-    virtex.save_checkpoint(tmp_path / "m.pt", {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg), "vocab": tokenizer.model})
+    virtex.save_checkpoint(tmp_path / "m.pt",
+                           {"model": model.state_dict(), "config": dataclasses.asdict(model.cfg),
+                            "vocab": tokenizer.model})
     virtex.main(["export", "--ckpt", str(tmp_path / "m.pt"), str(tmp_path / "resnet.pth")])
     state = torch.load(tmp_path / "resnet.pth", weights_only=True)
     resnet = torchvision.models.resnet50()
@@ -556,5 +597,6 @@ def test_export_round_trips_into_torchvision_resnet50(cfg, tokenizer, tmp_path):
     model.eval(), resnet.eval()
     torch.testing.assert_close(resnet(images), model.visual(images).mean((2, 3)))
     detectron2 = virtex.export_backbone(model, "detectron2")["model"]
-    assert {"stem.conv1.weight", "stem.conv1.norm.weight", "res2.0.conv1.norm.bias", "res3.0.shortcut.weight",
+    assert {"stem.conv1.weight", "stem.conv1.norm.weight", "res2.0.conv1.norm.bias",
+            "res3.0.shortcut.weight",
             "res3.0.shortcut.norm.running_var"} <= set(detectron2) and len(detectron2) == len(state)

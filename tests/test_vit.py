@@ -60,7 +60,8 @@ def test_vit_b_16_at_224_px_gives_a_14x14_grid_of_768_channels():
 
 
 def test_image_sizes_the_patches_do_not_tile_are_one_clear_error(coco, tmp_path):
-    with pytest.raises(ValueError, match="image size 100 is not divisible by vit_b_16's patch size 16"):
+    with pytest.raises(ValueError,
+                       match="image size 100 is not divisible by vit_b_16's patch size 16"):
         virtex.Visual("vit_b_16", 100)
     with pytest.raises(ValueError, match="this ViT reads 32-px images, not 64 px"):
         virtex.Visual("vit_tiny_8", 32)(torch.zeros(1, 3, 64, 64))
@@ -154,8 +155,10 @@ def test_a_vit_export_loads_into_torchvisions_vision_transformer_missing_only_it
     assert missing == ["heads.head.weight", "heads.head.bias"] and unexpected == []
     images = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(encoder_output(vit, images)[:, 1:], tokens_of(model.visual(images)))
-    with pytest.raises(SystemExit, match="^error: the detectron2 export is for ResNets .*vit_tiny_8"):
-        virtex.main(["export", "--ckpt", str(checkpoint), "--format", "detectron2", str(tmp_path / "d2")])
+    with pytest.raises(SystemExit,
+                       match="^error: the detectron2 export is for ResNets .*vit_tiny_8"):
+        virtex.main(["export", "--ckpt", str(checkpoint), "--format", "detectron2",
+                     str(tmp_path / "d2")])
 
 
 @pytest.mark.parametrize("name", virtex.BACKBONES)
