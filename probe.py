@@ -407,8 +407,17 @@ def read_inaturalist(root, split):
     return [(files[i], c) for i, c in labels], [names.get(i, "") for i in range(max(names) + 1)]
 
 
-def read_splits(root, inaturalist=False):
-    read = read_inaturalist if inaturalist else read_image_folder
+# --flag -> the reader of a classification dataset: ([(path, label)], class names) of (root, split)
+CLASSIFICATION_DATA = {"imagenet": read_image_folder, "inaturalist": read_inaturalist}
+
+
+def classification_data(args):
+    """(root, reader) of the classification dataset the flags name (--imagenet, ...), or None."""
+    return next(((getattr(args, flag), read) for flag, read in CLASSIFICATION_DATA.items()
+                 if getattr(args, flag)), None)
+
+
+def read_splits(root, read=read_image_folder):
     (train, classes), (val, val_classes) = read(root, "train"), read(root, "val")
     if val_classes != classes:
         raise ValueError(f"{root}: val has other classes than train ({len(val_classes)} vs "
@@ -752,10 +761,10 @@ def captioners(args):
 def zero_shot_set(args, rank):
     """(image paths, labels, class names): val of --imagenet/--inaturalist ((N,) labels) or the
     VOC07 test split ((N, classes) labels: 1 present, 0 absent, -1 difficult)."""
-    root = args.imagenet or args.inaturalist
-    if root is None:
+    if classification_data(args) is None:
         return read_voc(voc_root(args, rank), "test")
-    items, classes = (read_inaturalist if args.inaturalist else read_image_folder)(root, "val")
+    root, read = classification_data(args)
+    items, classes = read(root, "val")
     if args.class_names:
         lines = Path(args.class_names).read_text().splitlines()
         classes = [line.strip() for line in lines if line.strip()]
@@ -959,7 +968,7 @@ def backbones(args):
         found.append((str(path), model.visual, model.cfg.image_size, model.cfg))
     if args.init:
         import train  # here, not at the top: train imports this module
-        toy = args.voc is None and not (args.imagenet or args.inaturalist)
+        toy = args.voc is None and classification_data(args) is None
         backbone = args.backbone or (train.TOY["backbone"] if toy else "resnet50")
         size = args.image_size or (train.TOY["image_size"] if toy else 224)
         visual, size = load_backbone(args.init, backbone, image_size=size)
@@ -975,7 +984,7 @@ def main(args):
     processes = virtex.init_processes()
     if args.zero_shot:
         zero_shot(args, processes)
-    elif args.imagenet or args.inaturalist:
+    elif classification_data(args):
         classification(args, backbones(args), processes)
     else:
         voc07_table(args, backbones(args), processes)
@@ -1036,7 +1045,7 @@ def classification(args, found, processes):
     there are several); a table of them, and the top-1 last."""
     if processes.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolutions
-    splits = read_splits(args.imagenet or args.inaturalist, args.inaturalist is not None)
+    splits = read_splits(*classification_data(args))
     recipe = Recipe(args.finetune, args.epochs, args.batch_size, args.lr, amp=args.amp,
                     seed=args.seed, workers=args.workers, stop_after=args.stop_after)
     results = []

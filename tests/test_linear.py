@@ -27,7 +27,7 @@ def last_line(capsys):
 
 
 def test_toy_inaturalist_is_read_as_the_official_reads_it(toy):
-    splits = probe.read_splits(toy / "inaturalist", inaturalist=True)
+    splits = probe.read_splits(toy / "inaturalist", probe.read_inaturalist)
     assert (len(splits.train) == 400 and len(splits.val) == 100
             and splits.classes == virtex.TOY_CLASSES)
     assert all(path.is_file() for path, _ in splits.train + splits.val)
@@ -52,7 +52,7 @@ def test_malformed_inaturalist_annotations_are_named(edit, message, toy, tmp_pat
     edit(data)
     (root / "annotations" / "train2018.json").write_text(json.dumps(data))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
-        probe.read_splits(root, inaturalist=True)
+        probe.read_splits(root, probe.read_inaturalist)
 
 
 def test_bad_dataset_folders_end_with_one_line_naming_the_file(toy, tmp_path):
