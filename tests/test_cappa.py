@@ -200,7 +200,7 @@ def scorings_of(path, paths, classes):
     """Every scoring's (N, C) scores of a checkpoint, computed here in one process."""
     model, tokenizer = virtex.load_model(path)
     captions = probe.class_captions(tokenizer, classes, probe.PROMPT, model.cfg.max_length)
-    images = probe.EvalSet(probe.Images(paths, 32), probe.shard(list(range(len(paths)))), 0)
+    images = virtex.EvalSet(probe.Images(paths, 32), virtex.shard(list(range(len(paths)))), 0)
     scores = probe.zero_shot_scores(model, images, captions, torch.device("cpu"))
     return probe.scorings(scores, captions)
 
