@@ -855,7 +855,7 @@ def vision_transformer(name, image_size):
         vit = torchvision.models.VisionTransformer(image_size, **small)
     else:
         vit = getattr(torchvision.models, name)(image_size=image_size)
-    vit.heads = nn.Identity()  # no heads.* keys: the exported weights are torchvision's but these
+    vit.heads = nn.Identity()  # no heads.* keys (a ResNet: no fc.*): export writes all but these
     return vit
 
 def patch_grid(vit, images):
