@@ -16,6 +16,11 @@ import virtex
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: launches torchrun or trains long (not quick)")
+
+
 # A model small enough that a training step takes a few milliseconds on a CPU.
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--hidden", "32", "--heads", "2",
         "--feedforward", "64", "--vocab-size", "64", "--batch-size", "8", "--workers", "0",
