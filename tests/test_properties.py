@@ -34,8 +34,8 @@ def training_batches(flags, count, rank=0, world=1):
     """The first `count` batches the loop of `train.py FLAGS` trains on as `rank` of `world`
     processes: (network input, tokens, lengths, unreadable images met), on the CPU."""
     args = train.parse_args([str(flag) for flag in flags])
-    sources = train.read_data(args, rank)
-    cfg, data, _ = train.datasets(args, virtex.Tokenizer(args.vocab), *sources, rank, world)
+    source = train.read_source("--data", args.data, "train", stream=True)  # the train split alone
+    cfg, data, _ = train.datasets(args, virtex.Tokenizer(args.vocab), source, None, rank, world)
     processes = virtex.Processes(rank, world, CPU)
     loader = itertools.islice(virtex.resumable_loader(data, cfg, 0, count, processes, virtex.collate),
                               count)
@@ -447,9 +447,9 @@ def test_a_checkpoint_is_loaded_whole_or_refused_with_one_line_naming_it(tmp_pat
                       "--batch-size", 4, "--workers", 0]
     run_probe(*classification, "--stop-after", 1, "--out", tmp_path / "linear")
     last = virtex.load_checkpoint(tmp_path / "linear" / "last.pt")
-    readers += [(f"linear evaluation last.pt, {what}", {**last, "weights": edited},
+    readers += [(f"linear evaluation last.pt, {what}", {**last, "model": edited},
                  lambda path: run_probe(*classification, "--out", path.parent))
-                for what, edited in edits(last["weights"], "bias").items()]
+                for what, edited in edits(last["model"], "bias").items()]
     for n, (what, content, load) in enumerate(readers):
         path = tmp_path / f"file{n}" / "last.pt"
         path.parent.mkdir()
@@ -523,7 +523,7 @@ def test_fp16_loss_scaling_applies_the_gradients_of_an_unscaled_step(tmp_path, v
         run_train(tmp_path / f"pretraining{scaled:d}", *pretraining)
         run_probe(*finetuning, "--out", tmp_path / f"finetuning{scaled:d}")
     momentum = lambda saved: [s["momentum_buffer"] for s in saved["optimizer"]["state"].values()]
-    for run, state in (("pretraining", "model"), ("finetuning", "weights")):
+    for run, state in (("pretraining", "model"), ("finetuning", "model")):
         plain, scaled = (virtex.load_checkpoint(tmp_path / f"{run}{s}" / "last.pt") for s in (0, 1))
         assert scaled["scaler"]["scale"] == 2.0 ** 16 and not plain["scaler"]  # it did scale
         for key, value in plain[state].items():
