@@ -408,6 +408,18 @@ def refusal(load):
     return message
 
 
+def hollow(value):
+    """`value` with each floating-point tensor replaced by zeros of its shape that take no room
+    (one number, expanded): a checkpoint that a reader refuses need not weigh megabytes."""
+    if torch.is_tensor(value) and value.is_floating_point():
+        return torch.zeros((), dtype=value.dtype).expand(value.shape)
+    if isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        hollowed = {k: hollow(v) for k, v in items}
+        return hollowed if isinstance(value, dict) else type(value)(hollowed.values())
+    return value
+
+
 def edits(state, *missing):
     """{what: a copy of the state dict without one of the `missing` keys, or with a weight more}."""
     edited = {f"no {key}": {k: v for k, v in state.items() if k != key} for key in missing}
@@ -421,7 +433,7 @@ def test_a_checkpoint_is_loaded_whole_or_refused_with_one_line_naming_it(tmp_pat
     a file with a weight missing or one too many with one line naming it, instead of loading the
     rest and leaving the missing ones as initialised."""
     cfg = virtex.Config(**{**TINY_MODEL, "vocab_size": len(tokenizer)})
-    state = virtex.VirTex(cfg).state_dict()
+    state = hollow(virtex.VirTex(cfg).state_dict())
     ours = lambda edited: {"model": edited, "config": asdict(cfg), "vocab": tokenizer.model}
     export = lambda path: virtex.main(["export", "--ckpt", str(path), str(tmp_path / "out.pth")])
     readers = [(f"ours, {what}", ours(edited), export)
@@ -438,7 +450,7 @@ def test_a_checkpoint_is_loaded_whole_or_refused_with_one_line_naming_it(tmp_pat
     pretraining = ["--data", shards, "--vocab", vocab, "--batch-size", 4, "--iterations", 2,
                    "--checkpoint-every", 100]
     run_train(tmp_path / "pretrain", *pretraining, "--stop-after", 1)
-    last = virtex.load_checkpoint(tmp_path / "pretrain" / "last.pt")
+    last = hollow(virtex.load_checkpoint(tmp_path / "pretrain" / "last.pt"))
     readers += [(f"pretraining last.pt, {what}", {**last, "model": edited},
                  lambda path: run_train(path.parent, *pretraining))
                 for what, edited in edits(last["model"], "textual.output.bias").items()]
@@ -519,7 +531,7 @@ def test_fp16_loss_scaling_applies_the_gradients_of_an_unscaled_step(tmp_path, v
     scaler = torch.amp.GradScaler
     for scaled in (False, True):
         if scaled:  # what new_model and start_run build on a GPU
-            monkeypatch.setattr(torch.amp, "GradScaler", lambda device, enabled: scaler(device))
+            monkeypatch.setattr(torch.amp, "GradScaler", lambda device, *_, **__: scaler(device))
         run_train(tmp_path / f"pretraining{scaled:d}", *pretraining)
         run_probe(*finetuning, "--out", tmp_path / f"finetuning{scaled:d}")
     momentum = lambda saved: [s["momentum_buffer"] for s in saved["optimizer"]["state"].values()]

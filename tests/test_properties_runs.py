@@ -63,9 +63,8 @@ def test_every_rank_evaluates_the_checkpoint_that_rank_0_saves(world, tmp_path):
     assert len(one) == 1 and two == one
 
 
-def test_the_probes_print_the_same_figures_at_one_and_two_processes(world, tmp_path, capsys):
-    """probe.py's VOC07 mAP, and a classification run's top-1 and top-5 of one checkpoint (the
-    backbone and the trained linear layer), are the same computed by one process as by two."""
+def test_the_voc07_probe_prints_the_same_map_at_one_and_two_processes(world, tmp_path, capsys):
+    """probe.py's VOC07 mAP of one checkpoint is the same computed by one process as by two."""
     checkpoint = write_checkpoint(tmp_path / "tiny.pt", virtex.Config(**TINY_MODEL))
     voc = ["--ckpt", checkpoint, "--voc", world / "voc" / "VOCdevkit" / "VOC2007", "--workers", 0]
     run_probe(*voc)
@@ -73,6 +72,13 @@ def test_the_probes_print_the_same_figures_at_one_and_two_processes(world, tmp_p
     result = torchrun("probe.py", *voc)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == one and one.startswith("mAP: ")
+
+
+def test_a_classification_checkpoint_scores_the_same_at_one_and_two_processes(world, tmp_path,
+                                                                              capsys):
+    """The top-1 and top-5 of one classification checkpoint (the backbone and the linear layer
+    trained on it) are the same computed by one process as by two."""
+    checkpoint = write_checkpoint(tmp_path / "tiny.pt", virtex.Config(**TINY_MODEL))
     linear = ["--ckpt", checkpoint, "--imagenet", world / "imagenet", "--epochs", 1,
               "--batch-size", 64, "--workers", 0]
     run_probe(*linear, "--out", tmp_path / "one")  # trained: last.pt holds the layer at its end
