@@ -53,8 +53,6 @@ def test_a_pretraining_evaluation_records_the_same_figures_at_one_and_two_proces
     assert len(one) == 1 and two == one
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24: each rank evaluates with the BatchNorm "
-                   "statistics of its own last step, not those of the checkpoint rank 0 saves")
 def test_every_rank_evaluates_the_checkpoint_that_rank_0_saves(world, tmp_path):
     """Trained on images of every colour, rank 1's last step updates its BatchNorm statistics from
     other images than rank 0's: the figures of the two processes are still those of the checkpoint
