@@ -67,7 +67,7 @@ def test_four_processes_resume_a_linear_probe_bit_identically_and_count_top1_as_
     resumed = torchrun4("probe.py", *flags, "--out", tmp_path / "b")
     assert resumed.stdout.count("top-1: ") == 1  # rank 0 alone prints
     assert resumed.stdout.splitlines()[-1] == whole.stdout.splitlines()[-1]
-    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["weights"] for d in "ab")
+    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in "ab")
     assert a.keys() == {"weight", "bias"} and all(torch.equal(a[k], b[k]) for k in a)
     # The 100 val images are two batches, ranks 2 and 3 have none: the counts summed over the four
     # ranks are one process's counts with the saved head.
