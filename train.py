@@ -787,7 +787,7 @@ def print_demo_parts(args, cfg, seconds, step, images):
     print(f"{'part':40} {'each':>10} {'times':>6} {'in all':>9}")
     for name, each, times in rows:
         total = "" if name.startswith("  ") else f"{each * times:7.1f} s"
-        print(f"{name:40} {each:8.3f} s {times:6} {total:>9}")
+        print(f"{name:40} {each:8.3f} s {times:6} {total:>9}".rstrip())
     total = sum(each * times for name, each, times in rows if not name.startswith("  "))
     print(f"{'total':40} {'':17} {total:7.1f} s = {total / 60:.1f} min")
     print("(a barely trained model: its captions run to the 30-token limit, the demo's stop near 15, "

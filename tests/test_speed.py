@@ -190,3 +190,21 @@ def test_resume_with_decoding_on_the_device_equals_an_uninterrupted_run(toy, tmp
     run_train(tmp_path / "b", *flags)
     a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt")["model"] for d in "ab")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- --benchmark demo: where the demo's time goes ---------------------------------------------
+
+def test_benchmark_demo_counts_each_part_as_often_as_the_demo_runs_it(toy, capsys):
+    import re
+    train.cli(["--benchmark", "demo", "--toy-dir", str(toy), *TINY, "--iterations", "50", "--checkpoint-every", "10",
+               "--eval-every", "20", "--cider-images", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {m[1].strip(): (float(m[2]), int(m[3]), m[4] and float(m[4]))
+            for m in map(re.compile(r"^(.*?) +([\d.]+) s +(\d+)(?: +([\d.]+) s)?$").match, lines) if m}
+    assert rows["training step"][1] == 47 and rows["checkpoint"][1] == 5  # 3 steps start the loader
+    assert rows["val CIDEr (4 images, beam 5)"][1] == rows["VOC07 SVMs"][1] == 3  # at 20, 40 and the end
+    parts = [each for name, (each, _, _) in rows.items() if name in ("data", "forward", "backward", "optimizer",
+                                                                       "logging", "other")]
+    assert len(parts) == 6 and sum(parts) == pytest.approx(rows["training step"][0], abs=0.004)
+    total = float(re.search(r"^total +([\d.]+) s", lines[-2])[1])
+    assert total == pytest.approx(sum(row[2] for row in rows.values() if row[2] is not None), abs=1.0)
