@@ -52,6 +52,39 @@ def load_backbone(init, backbone="resnet50", seed=0, image_size=224):
 
 
 # ----------------------------------------------------------------------------------------------
+# PASCAL VOC 2007: ROOT/JPEGImages/*.jpg, ROOT/ImageSets/Main/<class>_{trainval,test}.txt
+
+def read_voc(root, split):
+    """(image paths, labels (N, classes) with 1 present / 0 absent / -1 difficult, class names)."""
+    root = Path(root)
+    main = root / "ImageSets" / "Main"
+    if not main.is_dir():
+        raise FileNotFoundError(f"{main}: missing (is {root} a VOCdevkit/VOC2007 folder?)")
+    # The classes of both splits, so that trainval and test cannot disagree on them.
+    classes = sorted({p.name[:-len(f"_{s}.txt")] for s in ("trainval", "test")
+                      for p in main.glob(f"*_{s}.txt")})
+    if not classes:
+        raise FileNotFoundError(f"{main}/<class>_{split}.txt: missing")
+    columns, ids = [], None
+    for c in classes:
+        path = main / f"{c}_{split}.txt"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing (the other split has class {c})")
+        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
+        if any(len(line) != 2 or line[1] not in ("1", "-1", "0") for line in lines):
+            raise ValueError(f"{path}: not VOC labels (lines of an image id and 1, -1 or 0)")
+        if ids is not None and [i for i, _ in lines] != ids:
+            raise ValueError(f"{path}: lists other images than {classes[0]}_{split}.txt")
+        ids = [i for i, _ in lines]
+        columns.append([{"1": 1, "-1": 0, "0": -1}[v] for _, v in lines])  # VOC 0 means difficult
+    paths = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: missing (listed in {main}/{classes[0]}_{split}.txt)")
+    return paths, torch.tensor(columns).T, classes
+
+
+# ----------------------------------------------------------------------------------------------
 # Features: short side 256/224 of the image size, centre crop, GAP of layer4, L2-normalised.
 # Every rank decodes its share of an evaluation set once; the features are gathered.
 
@@ -115,6 +148,13 @@ def extract(visual, evalset, device, amp="bf16", group=None, desc=None):
 
 COSTS = (0.01, 0.1, 1.0, 10.0)  # the official sweep of the SVM cost C
 
+# The protocol, class by class (evaluate_svms solves every class, cost and fold at once):
+#   for each class, labels +1 (present) or -1 (absent or difficult), positives weighted 2:
+#     for each cost C: mean AP on each of 3 folds of trainval of an L2-loss linear SVM(C)
+#                      fitted on the other two folds
+#     C* = the cost with the best mean (the smaller on ties)
+#     AP on test (difficult images left out) of the SVM(C*) fitted on all of trainval
+
 def average_precision(scores, targets):
     """Non-interpolated AP, sum_n (R_n - R_n-1) P_n over the distinct score thresholds (tied
     scores enter together): scikit-learn's average_precision_score. 0 without positives."""
@@ -147,6 +187,51 @@ def stratified_folds(y, folds=3):
         start = end
     return fold
 
+
+@torch.no_grad()
+def evaluate_svms(x_train, y_train, x_test, y_test, costs=COSTS, folds=3):
+    """Per-class test AP (percent) of the paper's protocol: for each class LinearSVC(C, squared
+    hinge, L2, class_weight {1: 2, -1: 1}) with C picked by `folds`-fold cross-validated AP on the
+    training set, refit on all of it. Labels: 1 present, 0 absent, -1 difficult (a negative in
+    training, left out at test)."""
+    device = x_train.device
+    y_train, y_test = y_train.to(device), y_test.to(device)
+    classes = y_train.shape[1]
+    # liblinear's intercept: a constant feature 1 whose weight is regularised like the others.
+    x = torch.cat([x_train.float(), x_train.new_ones(len(x_train), 1, dtype=torch.float)], 1)
+    # Solve in the eigenbasis of x^T x (an orthogonal change of variables: same problems): there
+    # the Hessians are nearly diagonal, so the diagonal preconditioner works (6x fewer products).
+    rotation = torch.linalg.eigh(x.T @ x)[1]
+    z = x @ rotation
+    targets = torch.where(y_train == 1, 1.0, -1.0)
+    weight = torch.where(targets > 0, 2.0, 1.0)
+    fold = torch.stack([stratified_folds(targets[:, c].cpu(), folds) for c in range(classes)], 1)
+    costs = torch.tensor(costs, device=device)
+
+    # Cross-validation: one problem per (class, cost, held-out fold), all at once.
+    problems = torch.cartesian_prod(*map(torch.arange, (classes, len(costs), folds)))
+    c, k, f = problems.to(device).unbind(1)
+    train = fold.to(device)[:, c] != f
+    scores = (z @ solve_svms(z, targets[:, c], costs[k] * weight[:, c] * train).T).cpu()
+    held_out, positive = ~train.cpu(), targets.cpu() > 0
+    cv = torch.tensor([average_precision(scores[held_out[:, p], p], positive[held_out[:, p], c[p]])
+                       for p in range(len(c))]).view(classes, len(costs), folds).mean(2)
+    best = costs[cv.argmax(1).to(device)]  # the first maximum: ties keep the smaller C
+
+    w = solve_svms(z, targets, best * weight) @ rotation.T  # (classes, D + 1)
+    test_scores = (x_test.to(device).float() @ w[:, :-1].T + w[:, -1]).cpu()
+    return voc07_aps(test_scores, y_test.cpu())
+
+
+def voc07_aps(scores, labels):
+    """Per-class AP (percent) of test scores (N, classes); difficult images are left out."""
+    kept = labels != -1
+    return 100 * torch.tensor([average_precision(scores[kept[:, c], c], labels[kept[:, c], c] == 1)
+                               for c in range(labels.shape[1])])
+
+
+# ==============================================================================================
+# Speed: the solver evaluate_svms calls, every (class, cost, fold) problem at once
 
 def solve_svms(z, y, cost, tol=1e-4, max_newton=50, max_cg=250):
     """For every column p of y (+-1) and cost (N, P), the w_p (rows of (P, D)) minimising
@@ -229,80 +314,11 @@ def line_search(w, grad, step, y_out, y_step, cost, rtol=1e-2, max_iter=20):
     return t
 
 
-@torch.no_grad()
-def evaluate_svms(x_train, y_train, x_test, y_test, costs=COSTS, folds=3):
-    """Per-class test AP (percent) of the paper's protocol: for each class LinearSVC(C, squared
-    hinge, L2, class_weight {1: 2, -1: 1}) with C picked by `folds`-fold cross-validated AP on the
-    training set, refit on all of it. Labels: 1 present, 0 absent, -1 difficult (a negative in
-    training, left out at test)."""
-    device = x_train.device
-    y_train, y_test = y_train.to(device), y_test.to(device)
-    classes = y_train.shape[1]
-    # liblinear's intercept: a constant feature 1 whose weight is regularised like the others.
-    x = torch.cat([x_train.float(), x_train.new_ones(len(x_train), 1, dtype=torch.float)], 1)
-    # Solve in the eigenbasis of x^T x (an orthogonal change of variables: same problems): there
-    # the Hessians are nearly diagonal, so the diagonal preconditioner works (6x fewer products).
-    rotation = torch.linalg.eigh(x.T @ x)[1]
-    z = x @ rotation
-    targets = torch.where(y_train == 1, 1.0, -1.0)
-    weight = torch.where(targets > 0, 2.0, 1.0)
-    fold = torch.stack([stratified_folds(targets[:, c].cpu(), folds) for c in range(classes)], 1)
-    costs = torch.tensor(costs, device=device)
-
-    # Cross-validation: one problem per (class, cost, held-out fold), all at once.
-    problems = torch.cartesian_prod(*map(torch.arange, (classes, len(costs), folds)))
-    c, k, f = problems.to(device).unbind(1)
-    train = fold.to(device)[:, c] != f
-    scores = (z @ solve_svms(z, targets[:, c], costs[k] * weight[:, c] * train).T).cpu()
-    held_out, positive = ~train.cpu(), targets.cpu() > 0
-    cv = torch.tensor([average_precision(scores[held_out[:, p], p], positive[held_out[:, p], c[p]])
-                       for p in range(len(c))]).view(classes, len(costs), folds).mean(2)
-    best = costs[cv.argmax(1).to(device)]  # the first maximum: ties keep the smaller C
-
-    w = solve_svms(z, targets, best * weight) @ rotation.T  # (classes, D + 1)
-    test_scores = (x_test.to(device).float() @ w[:, :-1].T + w[:, -1]).cpu()
-    return voc07_aps(test_scores, y_test.cpu())
-
-
-def voc07_aps(scores, labels):
-    """Per-class AP (percent) of test scores (N, classes); difficult images are left out."""
-    kept = labels != -1
-    return 100 * torch.tensor([average_precision(scores[kept[:, c], c], labels[kept[:, c], c] == 1)
-                               for c in range(labels.shape[1])])
+# end of the speed section
 
 
 # ----------------------------------------------------------------------------------------------
-# PASCAL VOC 2007: ROOT/JPEGImages/*.jpg, ROOT/ImageSets/Main/<class>_{trainval,test}.txt
-
-def read_voc(root, split):
-    """(image paths, labels (N, classes) with 1 present / 0 absent / -1 difficult, class names)."""
-    root = Path(root)
-    main = root / "ImageSets" / "Main"
-    if not main.is_dir():
-        raise FileNotFoundError(f"{main}: missing (is {root} a VOCdevkit/VOC2007 folder?)")
-    # The classes of both splits, so that trainval and test cannot disagree on them.
-    classes = sorted({p.name[:-len(f"_{s}.txt")] for s in ("trainval", "test")
-                      for p in main.glob(f"*_{s}.txt")})
-    if not classes:
-        raise FileNotFoundError(f"{main}/<class>_{split}.txt: missing")
-    columns, ids = [], None
-    for c in classes:
-        path = main / f"{c}_{split}.txt"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing (the other split has class {c})")
-        lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
-        if any(len(line) != 2 or line[1] not in ("1", "-1", "0") for line in lines):
-            raise ValueError(f"{path}: not VOC labels (lines of an image id and 1, -1 or 0)")
-        if ids is not None and [i for i, _ in lines] != ids:
-            raise ValueError(f"{path}: lists other images than {classes[0]}_{split}.txt")
-        ids = [i for i, _ in lines]
-        columns.append([{"1": 1, "-1": 0, "0": -1}[v] for _, v in lines])  # VOC 0 means difficult
-    paths = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: missing (listed in {main}/{classes[0]}_{split}.txt)")
-    return paths, torch.tensor(columns).T, classes
-
+# The VOC07 probe of a VOC folder: its evaluation sets, their features, the SVMs
 
 class VOC07:
     """The VOC07 probe of one VOC folder at one image size: per split this rank's evaluation set
@@ -813,6 +829,199 @@ def zero_shot_report(results, measure):
 
 
 # ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=virtex.HelpFormatter)
+    g = p.add_argument_group("backbones")
+    g.add_argument("--ckpt", nargs="+", default=[], help="ours or official (several: a table)")
+    g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet or ViT)")
+    g.add_argument("--backbone", help="the ResNet or ViT of --init random (none: resnet50, or on "
+                   "the toy VOC the demo's)")
+    g.add_argument("--image-size", type=int, help="(none: the checkpoint's, else 224, or on the "
+                   "toy VOC the demo's)")
+    g = p.add_argument_group("VOC07 SVMs")
+    g.add_argument("--voc", help="VOCdevkit/VOC2007 folder (none: the toy world's)")
+    g.add_argument("--toy-dir", default="data/toy", help="where the toy world is written")
+    g.add_argument("--features", help="cache file: extract once, rerun the SVMs in seconds")
+    g.add_argument("--costs", type=float, nargs="+", default=list(COSTS), help="SVM costs C")
+    g.add_argument("--folds", type=int, default=3, help="cross-validation folds")
+    g.add_argument("--plot", help="PNG of mAP against pretraining images (several --ckpt)")
+    g = p.add_argument_group("classification: top-1 instead of VOC07 (torchrun: one process a GPU)")
+    data = g.add_mutually_exclusive_group()
+    data.add_argument("--imagenet", help="ImageFolder root (train/<class>/*, val/<class>/*)")
+    data.add_argument("--inaturalist", help="iNaturalist 2018 root (annotations/*2018.json)")
+    g.add_argument("--finetune", action="store_true", help="train the whole network (iNaturalist "
+                   "recipe), not a linear layer on the frozen backbone (ImageNet recipe)")
+    g.add_argument("--out", default="runs/probe", help="last.pt and log.jsonl; rerun to resume")
+    g.add_argument("--epochs", type=int, default=100, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch")
+    g.add_argument("--lr", type=float, help="(none: 0.3, or 0.025 with --finetune)")
+    g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="autocast (none: off, or bf16 "
+                   "with --finetune, as the official's fp32 and AMP)")
+    g.add_argument("--seed", type=int, default=0, help="of the head, data order, augmentation")
+    g.add_argument("--stop-after", type=int, help="stop at this iteration, as if preempted")
+    g = p.add_argument_group("zero-shot: classify by captions (--imagenet, --inaturalist, --voc)")
+    g.add_argument("--zero-shot", action="store_true", help="score a caption per class with a "
+                   "captioning --ckpt (--init random: the --ckpt at its initial weights)")
+    g.add_argument("--prompt", default=PROMPT, help="the caption, {} for the class name")
+    g.add_argument("--class-names", help="file of class names, one a line (none: folder or "
+                   "category names, '_' read as a space)")
+    g.add_argument("--vocab", help="SentencePiece model of a --ckpt without one (official ones)")
+    g = p.add_argument_group("run")
+    g.add_argument("--workers", type=int, default=2, help="loader processes (per GPU)")
+    g.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn "
+                   "(with --zero-shot: time scoring captions)")
+    g.add_argument("--quick", action="store_true", help="with --benchmark: a small problem")
+    return p
+
+
+def backbones(args):
+    """[(name, visual, image size, config or None)] for every --ckpt and --init. On the toy VOC
+    (no --voc, --imagenet or --inaturalist) --init is probed as the demo probes its floor: the
+    toy preset's backbone and image size, unless given."""
+    found = []
+    for path in args.ckpt:
+        model, _ = virtex.load_model(path)
+        found.append((str(path), model.visual, model.cfg.image_size, model.cfg))
+    if args.init:
+        import train  # here, not at the top: train imports this module
+        toy = args.voc is None and classification_data(args) is None
+        backbone = args.backbone or (train.TOY["backbone"] if toy else "resnet50")
+        size = args.image_size or (train.TOY["image_size"] if toy else 224)
+        visual, size = load_backbone(args.init, backbone, image_size=size)
+        found.append((args.init, visual, size, None))
+    if not found:
+        raise ValueError("nothing to probe: give --ckpt and/or --init")
+    return [(name, visual, args.image_size or size, cfg) for name, visual, size, cfg in found]
+
+
+def voc_root(args, rank):
+    """--voc, or the toy world's VOC07 (written by rank 0 if missing)."""
+    if args.voc is None:
+        if rank == 0:
+            virtex.make_toy_world(args.toy_dir)
+        virtex.barrier()
+        return Path(args.toy_dir) / "voc" / "VOCdevkit" / "VOC2007"
+    return args.voc
+
+
+def voc07_table(args, found, processes):
+    """--voc (or the toy VOC): every backbone's per-class APs, a table of them, the mAP last."""
+    rank, world, device, group = processes
+    args.voc = voc_root(args, rank)
+    if args.features and len(found) > 1:
+        raise ValueError("--features caches one backbone's features: probe one at a time")
+    vocs, results = {}, []  # several backbones of one image size decode VOC07 once
+    for name, visual, size, cfg in found:
+        start = time.perf_counter()
+        if size not in vocs:
+            vocs[size] = VOC07(args.voc, size, rank, world, args.workers, cache=len(found) > 1)
+        voc, amp, visual = vocs[size], cfg.amp if cfg else "bf16", visual.to(device)
+        voc.costs, voc.folds = tuple(args.costs), args.folds
+        if args.features:
+            splits = voc.cached_features(visual, device, args.features, amp, group)
+        else:
+            splits = voc.features(visual, device, amp, group, progress=rank == 0)
+        if rank == 0:
+            results.append((name, cfg, voc.evaluate(splits, device)))
+            seconds = time.perf_counter() - start
+            print(f"{name}: VOC07 mAP {results[-1][2].mean():.2f} ({seconds:.0f} s)")
+    if rank == 0:
+        report(results, voc.classes, args.plot)
+
+
+def report(results, classes, plot_to=None):
+    """The per-class table, the plot if asked, and the mAP line last."""
+    names = [Path(name).parent.name or name for name, *_ in results]
+    print(f"\n| class | {' | '.join(names)} |\n|---|" + "---|" * len(results))
+    for c, name in enumerate(classes):
+        print(f"| {name} | " + " | ".join(f"{aps[c]:.1f}" for *_, aps in results) + " |")
+    if plot_to:
+        plot(results, plot_to)
+    if len(results) == 1:
+        return print(f"mAP: {results[0][2].mean():.2f}")
+    print("mAP: " + " | ".join(f"{name} {aps.mean():.2f}" for name, _, aps in results))
+
+
+def plot(results, path, width=640, height=420):
+    """mAP against the number of pretraining images, one line per task (Pillow only)."""
+    from PIL import Image, ImageDraw
+    points = {}
+    for name, cfg, aps in results:
+        if cfg is not None:
+            points.setdefault(cfg.task, []).append((cfg.max_images, aps.mean().item()))
+    xs = [x for line in points.values() for x, _ in line]
+    ys = [y for line in points.values() for _, y in line]
+    if None in xs or not xs:
+        raise ValueError("--plot needs checkpoints trained with --max-images")
+    lo, hi = math.log(min(xs)), math.log(max(xs)) + 1e-9
+    y0, y1 = min(ys) - 2, max(ys) + 2
+    at = lambda x, y: (60 + (math.log(x) - lo) / (hi - lo) * (width - 180),
+                       height - 40 - (y - y0) / (y1 - y0) * (height - 70))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.line([(60, 30), (60, height - 40), (width - 100, height - 40)], fill="black")
+    for y in range(math.ceil(y0), math.floor(y1) + 1, max(1, round((y1 - y0) / 6))):
+        draw.text((55, at(min(xs), y)[1]), f"{y}", fill="black", anchor="rm")
+    for x in sorted(set(xs)):
+        draw.text((at(x, y0)[0], height - 35), f"{x}", fill="black", anchor="mt")
+    draw.text((width // 2 - 40, height - 18), "pretraining images", fill="black", anchor="mt")
+    draw.text((10, 12), "toy VOC07 mAP", fill="black")
+    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
+    for (task, line), color in zip(sorted(points.items()), colors):
+        line = [at(x, y) for x, y in sorted(line)]
+        draw.line(line, fill=color, width=3)
+        for x, y in line:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
+        draw.text((line[-1][0] + 8, line[-1][1]), task, fill=color, anchor="lm")
+    image.save(path)
+
+
+def classification(args, found, processes):
+    """--imagenet or --inaturalist: train and test every backbone (each in OUT/<its name> when
+    there are several); a table of them, and the top-1 last."""
+    if processes.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolutions
+    splits = read_splits(*classification_data(args))
+    recipe = Recipe(args.finetune, args.epochs, args.batch_size, args.lr, amp=args.amp,
+                    seed=args.seed, workers=args.workers, stop_after=args.stop_after)
+    results = []
+    for name, visual, size, _ in found:
+        out = Path(args.out) / (re.sub(r"[^\w.-]+", "_", name) if len(found) > 1 else "")
+        top = classify(visual, splits, size, out, recipe, processes)
+        if top is not None:
+            results.append((name, *top))
+            virtex.print0(f"{name}: top-1 {top[0]:.2f}, top-5 {top[1]:.2f}")
+    if len(results) > 1:
+        virtex.print0("\n| backbone | top-1 | top-5 |\n|---|---|---|")
+        for name, top1, top5 in results:
+            virtex.print0(f"| {Path(name).parent.name or name} | {top1:.2f} | {top5:.2f} |")
+    if len(results) == 1:
+        virtex.print0(f"top-1: {results[0][1]:.2f}")
+    elif results:
+        virtex.print0("top-1: " + " | ".join(f"{name} {top1:.2f}" for name, top1, _ in results))
+
+
+def main(args):
+    if args.benchmark:
+        return benchmark_zero_shot(args.quick) if args.zero_shot else benchmark(args.quick)
+    processes = virtex.init_processes()
+    if args.zero_shot:
+        zero_shot(args, processes)
+    elif classification_data(args):
+        classification(args, backbones(args), processes)
+    else:
+        voc07_table(args, backbones(args), processes)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ==============================================================================================
+# Off the main path: --benchmark
+
+# ----------------------------------------------------------------------------------------------
 # Benchmark: our SVMs against the scikit-learn protocol on VOC07-sized features
 
 def synthetic_features(n_train=5011, n_test=4952, dim=2048, classes=20, seed=0):
@@ -909,194 +1118,6 @@ def benchmark_zero_shot(quick=False, images=4, classes=32, tokens=10):
           "GFLOP a score (the grid included, once per image)")
     print(f"ImageNet at this rate (an extrapolation: 1,000 classes x 50,000 images = 5e7 scores, "
           f"{5e7 * flops / 1e15:.0f} PFLOP): {5e7 / rate / 3600:.1f} hours")
-
-
-# ----------------------------------------------------------------------------------------------
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=virtex.HelpFormatter)
-    g = p.add_argument_group("backbones")
-    g.add_argument("--ckpt", nargs="+", default=[], help="ours or official (several: a table)")
-    g.add_argument("--init", help="'random' (the floor) or 'torchvision:PATH' (a ResNet or ViT)")
-    g.add_argument("--backbone", help="the ResNet or ViT of --init random (none: resnet50, or on "
-                   "the toy VOC the demo's)")
-    g.add_argument("--image-size", type=int, help="(none: the checkpoint's, else 224, or on the "
-                   "toy VOC the demo's)")
-    g = p.add_argument_group("VOC07 SVMs")
-    g.add_argument("--voc", help="VOCdevkit/VOC2007 folder (none: the toy world's)")
-    g.add_argument("--toy-dir", default="data/toy", help="where the toy world is written")
-    g.add_argument("--features", help="cache file: extract once, rerun the SVMs in seconds")
-    g.add_argument("--costs", type=float, nargs="+", default=list(COSTS), help="SVM costs C")
-    g.add_argument("--folds", type=int, default=3, help="cross-validation folds")
-    g.add_argument("--plot", help="PNG of mAP against pretraining images (several --ckpt)")
-    g = p.add_argument_group("classification: top-1 instead of VOC07 (torchrun: one process a GPU)")
-    data = g.add_mutually_exclusive_group()
-    data.add_argument("--imagenet", help="ImageFolder root (train/<class>/*, val/<class>/*)")
-    data.add_argument("--inaturalist", help="iNaturalist 2018 root (annotations/*2018.json)")
-    g.add_argument("--finetune", action="store_true", help="train the whole network (iNaturalist "
-                   "recipe), not a linear layer on the frozen backbone (ImageNet recipe)")
-    g.add_argument("--out", default="runs/probe", help="last.pt and log.jsonl; rerun to resume")
-    g.add_argument("--epochs", type=int, default=100, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch")
-    g.add_argument("--lr", type=float, help="(none: 0.3, or 0.025 with --finetune)")
-    g.add_argument("--amp", choices=["bf16", "fp16", "off"], help="autocast (none: off, or bf16 "
-                   "with --finetune, as the official's fp32 and AMP)")
-    g.add_argument("--seed", type=int, default=0, help="of the head, data order, augmentation")
-    g.add_argument("--stop-after", type=int, help="stop at this iteration, as if preempted")
-    g = p.add_argument_group("zero-shot: classify by captions (--imagenet, --inaturalist, --voc)")
-    g.add_argument("--zero-shot", action="store_true", help="score a caption per class with a "
-                   "captioning --ckpt (--init random: the --ckpt at its initial weights)")
-    g.add_argument("--prompt", default=PROMPT, help="the caption, {} for the class name")
-    g.add_argument("--class-names", help="file of class names, one a line (none: folder or "
-                   "category names, '_' read as a space)")
-    g.add_argument("--vocab", help="SentencePiece model of a --ckpt without one (official ones)")
-    g = p.add_argument_group("run")
-    g.add_argument("--workers", type=int, default=2, help="loader processes (per GPU)")
-    g.add_argument("--benchmark", action="store_true", help="time the SVMs against scikit-learn "
-                   "(with --zero-shot: time scoring captions)")
-    g.add_argument("--quick", action="store_true", help="with --benchmark: a small problem")
-    return p
-
-
-def backbones(args):
-    """[(name, visual, image size, config or None)] for every --ckpt and --init. On the toy VOC
-    (no --voc, --imagenet or --inaturalist) --init is probed as the demo probes its floor: the
-    toy preset's backbone and image size, unless given."""
-    found = []
-    for path in args.ckpt:
-        model, _ = virtex.load_model(path)
-        found.append((str(path), model.visual, model.cfg.image_size, model.cfg))
-    if args.init:
-        import train  # here, not at the top: train imports this module
-        toy = args.voc is None and classification_data(args) is None
-        backbone = args.backbone or (train.TOY["backbone"] if toy else "resnet50")
-        size = args.image_size or (train.TOY["image_size"] if toy else 224)
-        visual, size = load_backbone(args.init, backbone, image_size=size)
-        found.append((args.init, visual, size, None))
-    if not found:
-        raise ValueError("nothing to probe: give --ckpt and/or --init")
-    return [(name, visual, args.image_size or size, cfg) for name, visual, size, cfg in found]
-
-
-def main(args):
-    if args.benchmark:
-        return benchmark_zero_shot(args.quick) if args.zero_shot else benchmark(args.quick)
-    processes = virtex.init_processes()
-    if args.zero_shot:
-        zero_shot(args, processes)
-    elif classification_data(args):
-        classification(args, backbones(args), processes)
-    else:
-        voc07_table(args, backbones(args), processes)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def voc07_table(args, found, processes):
-    """--voc (or the toy VOC): every backbone's per-class APs, a table of them, the mAP last."""
-    rank, world, device, group = processes
-    args.voc = voc_root(args, rank)
-    if args.features and len(found) > 1:
-        raise ValueError("--features caches one backbone's features: probe one at a time")
-    vocs, results = {}, []  # several backbones of one image size decode VOC07 once
-    for name, visual, size, cfg in found:
-        start = time.perf_counter()
-        if size not in vocs:
-            vocs[size] = VOC07(args.voc, size, rank, world, args.workers, cache=len(found) > 1)
-        voc, amp, visual = vocs[size], cfg.amp if cfg else "bf16", visual.to(device)
-        voc.costs, voc.folds = tuple(args.costs), args.folds
-        if args.features:
-            splits = voc.cached_features(visual, device, args.features, amp, group)
-        else:
-            splits = voc.features(visual, device, amp, group, progress=rank == 0)
-        if rank == 0:
-            results.append((name, cfg, voc.evaluate(splits, device)))
-            seconds = time.perf_counter() - start
-            print(f"{name}: VOC07 mAP {results[-1][2].mean():.2f} ({seconds:.0f} s)")
-    if rank == 0:
-        report(results, voc.classes, args.plot)
-
-
-def voc_root(args, rank):
-    """--voc, or the toy world's VOC07 (written by rank 0 if missing)."""
-    if args.voc is None:
-        if rank == 0:
-            virtex.make_toy_world(args.toy_dir)
-        virtex.barrier()
-        return Path(args.toy_dir) / "voc" / "VOCdevkit" / "VOC2007"
-    return args.voc
-
-
-def report(results, classes, plot_to=None):
-    """The per-class table, the plot if asked, and the mAP line last."""
-    names = [Path(name).parent.name or name for name, *_ in results]
-    print(f"\n| class | {' | '.join(names)} |\n|---|" + "---|" * len(results))
-    for c, name in enumerate(classes):
-        print(f"| {name} | " + " | ".join(f"{aps[c]:.1f}" for *_, aps in results) + " |")
-    if plot_to:
-        plot(results, plot_to)
-    if len(results) == 1:
-        return print(f"mAP: {results[0][2].mean():.2f}")
-    print("mAP: " + " | ".join(f"{name} {aps.mean():.2f}" for name, _, aps in results))
-
-
-def classification(args, found, processes):
-    """--imagenet or --inaturalist: train and test every backbone (each in OUT/<its name> when
-    there are several); a table of them, and the top-1 last."""
-    if processes.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: the fastest convolutions
-    splits = read_splits(*classification_data(args))
-    recipe = Recipe(args.finetune, args.epochs, args.batch_size, args.lr, amp=args.amp,
-                    seed=args.seed, workers=args.workers, stop_after=args.stop_after)
-    results = []
-    for name, visual, size, _ in found:
-        out = Path(args.out) / (re.sub(r"[^\w.-]+", "_", name) if len(found) > 1 else "")
-        top = classify(visual, splits, size, out, recipe, processes)
-        if top is not None:
-            results.append((name, *top))
-            virtex.print0(f"{name}: top-1 {top[0]:.2f}, top-5 {top[1]:.2f}")
-    if len(results) > 1:
-        virtex.print0("\n| backbone | top-1 | top-5 |\n|---|---|---|")
-        for name, top1, top5 in results:
-            virtex.print0(f"| {Path(name).parent.name or name} | {top1:.2f} | {top5:.2f} |")
-    if len(results) == 1:
-        virtex.print0(f"top-1: {results[0][1]:.2f}")
-    elif results:
-        virtex.print0("top-1: " + " | ".join(f"{name} {top1:.2f}" for name, top1, _ in results))
-
-
-def plot(results, path, width=640, height=420):
-    """mAP against the number of pretraining images, one line per task (Pillow only)."""
-    from PIL import Image, ImageDraw
-    points = {}
-    for name, cfg, aps in results:
-        if cfg is not None:
-            points.setdefault(cfg.task, []).append((cfg.max_images, aps.mean().item()))
-    xs = [x for line in points.values() for x, _ in line]
-    ys = [y for line in points.values() for _, y in line]
-    if None in xs or not xs:
-        raise ValueError("--plot needs checkpoints trained with --max-images")
-    lo, hi = math.log(min(xs)), math.log(max(xs)) + 1e-9
-    y0, y1 = min(ys) - 2, max(ys) + 2
-    at = lambda x, y: (60 + (math.log(x) - lo) / (hi - lo) * (width - 180),
-                       height - 40 - (y - y0) / (y1 - y0) * (height - 70))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.line([(60, 30), (60, height - 40), (width - 100, height - 40)], fill="black")
-    for y in range(math.ceil(y0), math.floor(y1) + 1, max(1, round((y1 - y0) / 6))):
-        draw.text((55, at(min(xs), y)[1]), f"{y}", fill="black", anchor="rm")
-    for x in sorted(set(xs)):
-        draw.text((at(x, y0)[0], height - 35), f"{x}", fill="black", anchor="mt")
-    draw.text((width // 2 - 40, height - 18), "pretraining images", fill="black", anchor="mt")
-    draw.text((10, 12), "toy VOC07 mAP", fill="black")
-    colors = ["#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e"]
-    for (task, line), color in zip(sorted(points.items()), colors):
-        line = [at(x, y) for x, y in sorted(line)]
-        draw.line(line, fill=color, width=3)
-        for x, y in line:
-            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=color)
-        draw.text((line[-1][0] + 8, line[-1][1]), task, fill=color, anchor="lm")
-    image.save(path)
 
 
 if __name__ == "__main__":

@@ -222,110 +222,6 @@ def datasets(args, tokenizer, data, val, rank=0, world=1):
 
 
 # ----------------------------------------------------------------------------------------------
-# --decode device: the loader's workers only read each JPEG's bytes and draw its augmentation
-# (from the generator the loader path draws from); the training process decodes the batch
-# (nvJPEG on a GPU) and augments it with batched tensor operations. The data path's speed then
-# depends on the accelerator, not on the number of CPU cores.
-
-NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing
-Encoded = collections.namedtuple("Encoded", "path data size jpeg")
-
-
-class EncodedCaptions(virtex.CaptioningDataset):
-    """Training samples whose image is (JPEG bytes, or the pixels of another format, decoded here;
-    the drawn augmentation as 13 numbers; the path)."""
-
-    def open(self, path):  # a file, or a tar shard's member
-        data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
-        with Image.open(io.BytesIO(data)) as header:  # parses the header only
-            jpeg = header.format == "JPEG" and header.mode in ("RGB", "L")
-            return Encoded(path, data, header.size, jpeg)
-
-    def augment(self, image, augmentation):
-        if image.jpeg:
-            pixels = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
-        else:  # PNG, CMYK, 16-bit...: Pillow handles them, as in the loader path
-            pixels = TF.pil_to_tensor(virtex.load_image(io.BytesIO(image.data)))
-        jittered = bool(augmentation.jitter)  # else an order of no place (-1): none applies
-        jitter, order = (augmentation.jitter, augmentation.order) if jittered else (NEUTRAL, (-1,) * 4)
-        numbers = [*augmentation.box, augmentation.flip, *jitter, *order]
-        return pixels, torch.tensor(numbers, dtype=torch.float64), str(image.path)
-
-
-def decode_jpegs(pixels, device):
-    """Each image on `device`, the JPEG bytes decoded there; None where they do not decode."""
-    jpegs = [p for p in pixels if p.dim() == 1]
-    decode = lambda data: torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
-                                                     device=device)
-    try:
-        decoded = iter(decode(jpegs) if jpegs else [])
-    except RuntimeError:  # a corrupt JPEG fails the whole batch: decode one by one
-        decoded = iter([or_none(decode, p) for p in jpegs])
-    return [next(decoded) if p.dim() == 1 else p.to(device) for p in pixels]
-
-
-def or_none(f, x):
-    try:
-        return f(x)
-    except RuntimeError:
-        return None
-
-
-def shift_hue(x, shift):
-    """adjust_hue with a shift (in turns; (B, 1, 1, 1)) per image, through HSV as torchvision."""
-    value, channel = x.max(1, keepdim=True)  # (B, 1, H, W)
-    chroma = value - x.min(1, keepdim=True).values
-    r, g, b = x.split(1, dim=1)
-    safe = torch.where(chroma > 0, chroma, 1.0)  # grey pixels have no hue, and keep their value
-    sectors = torch.cat([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1)
-    hue = sectors.gather(1, channel) / 6 + shift  # (B, 1, H, W), in turns
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue) % 6
-    return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
-
-
-def contrast(x, f):
-    return (f * x + (1 - f) * TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
-
-
-# ColorJitter's four adjustments of images x (B, 3, H, W) in [0, 1] by factors f (B, 1, 1, 1).
-ADJUSTMENTS = (lambda x, f: (f * x).clamp(0, 1), contrast,
-               lambda x, f: (f * x + (1 - f) * TF.rgb_to_grayscale(x)).clamp(0, 1), shift_hue)
-
-
-def jitter(x, factors, order):
-    """ColorJitter with each image's factors (B, 4) and order (B, 4; -1: no jitter): at each of
-    the four places, each adjustment runs once, on the images that drew it there."""
-    for place in range(4):
-        for kind, adjust in enumerate(ADJUSTMENTS):
-            chosen = (order[:, place] == kind).nonzero().squeeze(1)
-            if len(chosen):
-                x[chosen] = adjust(x[chosen], factors[chosen, kind].view(-1, 1, 1, 1))
-    return x
-
-
-def decode_on_device(batch, device, size):
-    """An EncodedCaptions batch -> (uint8 images (B, 3, size, size) on `device`, tokens, lengths,
-    unreadable): the loader path's crop + resize, flip and colour jitter, on the device."""
-    encoded, tokens, lengths, unreadable = batch
-    pixels, numbers, paths = zip(*encoded)
-    images, numbers = decode_jpegs(pixels, device), torch.stack(numbers)
-    good = [i for i, image in enumerate(images) if image is not None]
-    if not good:
-        raise RuntimeError(f"no image of a batch decodes, e.g. {paths[0]}")
-    for i in [i for i, image in enumerate(images) if image is None]:  # replaced by another sample
-        j = good[i % len(good)]
-        images[i], numbers[i], tokens[i], lengths[i] = images[j], numbers[j], tokens[j], lengths[j]
-        unreadable = [*unreadable, f"{paths[i]}: not a JPEG that decodes"]
-    boxes = numbers[:, :4].long().tolist()
-    x = torch.stack([TF.resized_crop(image, *box, [size, size], antialias=True)
-                     for image, box in zip(images, boxes)]).float() / 255
-    numbers = numbers.to(device, torch.float32)
-    x = torch.where(numbers[:, 4, None, None, None] > 0, x.flip(-1), x)
-    x = jitter(x, numbers[:, 5:9], numbers[:, 9:].long())
-    return x.mul(255).round().to(torch.uint8), tokens, lengths, unreadable
-
-
-# ----------------------------------------------------------------------------------------------
 # The run: its state, resuming it, one training step, logging, checkpoints and evaluation
 
 @dataclasses.dataclass
@@ -387,6 +283,23 @@ def build(args, cfg, tokenizer, device, rank=0, world=1, group=None):
     return run
 
 
+def prepare(args, rank, world, device, group=None):
+    """(run, train data, val data): data read, vocabulary built or read, run resumed."""
+    data, val = read_data(args, rank)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    tokenizer = vocabulary(args, Path(args.out), rank, data)
+    cfg, train_data, val_data = datasets(args, tokenizer, data, val, rank, world)
+    run = build(args, cfg, tokenizer, device, rank, world, group)
+    readers = train_data.readers if isinstance(train_data, virtex.CaptionShards) else None
+    if run.start and readers != (run.shards or {}).get("readers"):
+        raise ValueError(f"{run.out}/last.pt read other data (or shards with another number of "
+                         "processes x --workers); use another --out")
+    if readers:  # each reader goes on from where it stood
+        run.shards = run.shards or {"readers": readers, "positions": {}}
+        train_data.start, train_data.positions = run.start, run.shards["positions"]
+    return run, train_data, val_data
+
+
 def wrap_for_training(model, cfg, device, distributed):
     """The module the loop calls: DDP-wrapped, then compiled, as configured."""
     if distributed:
@@ -394,6 +307,14 @@ def wrap_for_training(model, cfg, device, distributed):
     if cfg.compile:  # fuses the pointwise ops around the matmuls. Compiled after DDP, as PyTorch
         model = torch.compile(model)  # documents: DDP's hooks then overlap the gradient all-reduce
     return model
+
+
+def on_device(batch, device, decode="loader", size=None):
+    """(network input, tokens, lengths) on `device`, and the unreadable images met."""
+    if decode == "device":
+        batch = decode_on_device(batch, device, size)
+    images, tokens, lengths, unreadable = batch
+    return virtex.to_input(images, device), tokens.to(device), lengths.to(device), unreadable
 
 
 def train_step(model, optimizer, scaler, images, tokens, lengths, step, cfg):
@@ -553,14 +474,6 @@ def evaluate(run, iteration, weights, val_data):
     return record
 
 
-def on_device(batch, device, decode="loader", size=None):
-    """(network input, tokens, lengths) on `device`, and the unreadable images met."""
-    if decode == "device":
-        batch = decode_on_device(batch, device, size)
-    images, tokens, lengths, unreadable = batch
-    return virtex.to_input(images, device), tokens.to(device), lengths.to(device), unreadable
-
-
 def compare_with_initial_weights(run, record):
     """The demo's last line: the pretrained backbone's toy VOC07 mAP and its initial weights'."""
     initial, _, _ = new_model(run.cfg, run.device)  # the very weights training started from
@@ -571,21 +484,172 @@ def compare_with_initial_weights(run, record):
         print(f"toy VOC07 mAP: pretrained {record['voc_map']:.1f} | random init {random_init:.1f}")
 
 
-def prepare(args, rank, world, device, group=None):
-    """(run, train data, val data): data read, vocabulary built or read, run resumed."""
-    data, val = read_data(args, rank)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    tokenizer = vocabulary(args, Path(args.out), rank, data)
-    cfg, train_data, val_data = datasets(args, tokenizer, data, val, rank, world)
-    run = build(args, cfg, tokenizer, device, rank, world, group)
-    readers = train_data.readers if isinstance(train_data, virtex.CaptionShards) else None
-    if run.start and readers != (run.shards or {}).get("readers"):
-        raise ValueError(f"{run.out}/last.pt read other data (or shards with another number of "
-                         "processes x --workers); use another --out")
-    if readers:  # each reader goes on from where it stood
-        run.shards = run.shards or {"readers": readers, "positions": {}}
-        train_data.start, train_data.positions = run.start, run.shards["positions"]
-    return run, train_data, val_data
+
+def main(args):
+    processes = virtex.init_processes()
+    rank, world, device, cpu_group = processes
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: find the fastest kernels once
+    virtex.check_batch(args.batch_size, world)
+    if args.benchmark:
+        return benchmark(args, device)
+    demo = args.data is None
+    run, train_data, val_data = prepare(args, rank, world, device, cpu_group)
+    cfg = run.cfg
+    stop = min(args.stop_after or cfg.iterations, cfg.iterations)
+    if run.start >= stop:
+        return virtex.print0(f"{run.out}/last.pt is at iteration {run.start}: nothing to do")
+    model = wrap_for_training(run.model, cfg, device, distributed=dist.is_initialized())
+    loader = virtex.resumable_loader(train_data, cfg, run.start, stop, processes, virtex.collate)
+    if rank == 0:
+        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+        run.log = open(run.out / "log.jsonl", "a")
+    bar = tqdm(total=cfg.iterations, initial=run.start, disable=rank != 0, dynamic_ncols=True)
+    history, unreadable, tick = [], [], time.perf_counter()
+    model.train()
+    with virtex.preemption() as preempted:
+        for iteration, batch in enumerate(loader, run.start + 1):
+            torch.manual_seed(virtex.mix_seed(cfg.seed, iteration, rank))  # dropout, as the data
+            if run.shards is not None:
+                *batch, (reader, *position) = batch
+                run.shards["positions"][reader] = tuple(position)
+            *batch, skipped = on_device(batch, device, args.decode, cfg.image_size)
+            history.append(train_step(model, run.optimizer, run.scaler, *batch, iteration - 1, cfg))
+            unreadable += skipped
+            bar.update()
+            signalled = virtex.any_rank(preempted, cpu_group)
+            end = iteration == stop or signalled
+            checkpoint = end or iteration % args.checkpoint_every == 0
+            if iteration % args.log_every == 0 or checkpoint:  # one sync per interval, not per step
+                seconds = time.perf_counter() - tick
+                stats = log_steps(run, torch.stack(history).cpu(), iteration, seconds, bar)
+                run.write({**stats, "unreadable_images": report(run, unreadable)})
+                history, unreadable, tick = [], [], time.perf_counter()
+            if checkpoint:  # saving first: a preempted run spends its grace period on that alone
+                weights = save(run, iteration)
+                due = end or iteration % (args.eval_every or args.checkpoint_every) == 0
+                if due and not signalled:
+                    record = evaluate(run, iteration, weights, val_data)
+                tick = time.perf_counter()
+            if end:
+                break
+    bar.close()
+    if not virtex.stopped_early(iteration, cfg.iterations, signalled) and demo:
+        compare_with_initial_weights(run, record)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def cli(argv=None):
+    with virtex.one_line_errors():
+        main(parse_args(argv))
+
+
+# ==============================================================================================
+# Off the main path: decoding on the device (--decode device) and --benchmark
+
+# ----------------------------------------------------------------------------------------------
+# --decode device: the loader's workers only read each JPEG's bytes and draw its augmentation
+# (from the generator the loader path draws from); the training process decodes the batch
+# (nvJPEG on a GPU) and augments it with batched tensor operations. The data path's speed then
+# depends on the accelerator, not on the number of CPU cores.
+
+NEUTRAL = (1.0, 1.0, 1.0, 0.0)  # brightness, contrast, saturation, hue factors that change nothing
+Encoded = collections.namedtuple("Encoded", "path data size jpeg")
+
+
+class EncodedCaptions(virtex.CaptioningDataset):
+    """Training samples whose image is (JPEG bytes, or the pixels of another format, decoded here;
+    the drawn augmentation as 13 numbers; the path)."""
+
+    def open(self, path):  # a file, or a tar shard's member
+        data = path.read() if hasattr(path, "read") else Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as header:  # parses the header only
+            jpeg = header.format == "JPEG" and header.mode in ("RGB", "L")
+            return Encoded(path, data, header.size, jpeg)
+
+    def augment(self, image, augmentation):
+        if image.jpeg:
+            pixels = torch.frombuffer(bytearray(image.data), dtype=torch.uint8)
+        else:  # PNG, CMYK, 16-bit...: Pillow handles them, as in the loader path
+            pixels = TF.pil_to_tensor(virtex.load_image(io.BytesIO(image.data)))
+        jittered = bool(augmentation.jitter)  # else an order of no place (-1): none applies
+        jitter, order = (augmentation.jitter, augmentation.order) if jittered else (NEUTRAL, (-1,) * 4)
+        numbers = [*augmentation.box, augmentation.flip, *jitter, *order]
+        return pixels, torch.tensor(numbers, dtype=torch.float64), str(image.path)
+
+
+def decode_jpegs(pixels, device):
+    """Each image on `device`, the JPEG bytes decoded there; None where they do not decode."""
+    jpegs = [p for p in pixels if p.dim() == 1]
+    decode = lambda data: torchvision.io.decode_jpeg(data, mode=torchvision.io.ImageReadMode.RGB,
+                                                     device=device)
+    try:
+        decoded = iter(decode(jpegs) if jpegs else [])
+    except RuntimeError:  # a corrupt JPEG fails the whole batch: decode one by one
+        decoded = iter([or_none(decode, p) for p in jpegs])
+    return [next(decoded) if p.dim() == 1 else p.to(device) for p in pixels]
+
+
+def or_none(f, x):
+    try:
+        return f(x)
+    except RuntimeError:
+        return None
+
+
+def shift_hue(x, shift):
+    """adjust_hue with a shift (in turns; (B, 1, 1, 1)) per image, through HSV as torchvision."""
+    value, channel = x.max(1, keepdim=True)  # (B, 1, H, W)
+    chroma = value - x.min(1, keepdim=True).values
+    r, g, b = x.split(1, dim=1)
+    safe = torch.where(chroma > 0, chroma, 1.0)  # grey pixels have no hue, and keep their value
+    sectors = torch.cat([(g - b) / safe, 2 + (b - r) / safe, 4 + (r - g) / safe], 1)
+    hue = sectors.gather(1, channel) / 6 + shift  # (B, 1, H, W), in turns
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * hue) % 6
+    return value - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def contrast(x, f):
+    return (f * x + (1 - f) * TF.rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True)).clamp(0, 1)
+
+
+# ColorJitter's four adjustments of images x (B, 3, H, W) in [0, 1] by factors f (B, 1, 1, 1).
+ADJUSTMENTS = (lambda x, f: (f * x).clamp(0, 1), contrast,
+               lambda x, f: (f * x + (1 - f) * TF.rgb_to_grayscale(x)).clamp(0, 1), shift_hue)
+
+
+def jitter(x, factors, order):
+    """ColorJitter with each image's factors (B, 4) and order (B, 4; -1: no jitter): at each of
+    the four places, each adjustment runs once, on the images that drew it there."""
+    for place in range(4):
+        for kind, adjust in enumerate(ADJUSTMENTS):
+            chosen = (order[:, place] == kind).nonzero().squeeze(1)
+            if len(chosen):
+                x[chosen] = adjust(x[chosen], factors[chosen, kind].view(-1, 1, 1, 1))
+    return x
+
+
+def decode_on_device(batch, device, size):
+    """An EncodedCaptions batch -> (uint8 images (B, 3, size, size) on `device`, tokens, lengths,
+    unreadable): the loader path's crop + resize, flip and colour jitter, on the device."""
+    encoded, tokens, lengths, unreadable = batch
+    pixels, numbers, paths = zip(*encoded)
+    images, numbers = decode_jpegs(pixels, device), torch.stack(numbers)
+    good = [i for i, image in enumerate(images) if image is not None]
+    if not good:
+        raise RuntimeError(f"no image of a batch decodes, e.g. {paths[0]}")
+    for i in [i for i, image in enumerate(images) if image is None]:  # replaced by another sample
+        j = good[i % len(good)]
+        images[i], numbers[i], tokens[i], lengths[i] = images[j], numbers[j], tokens[j], lengths[j]
+        unreadable = [*unreadable, f"{paths[i]}: not a JPEG that decodes"]
+    boxes = numbers[:, :4].long().tolist()
+    x = torch.stack([TF.resized_crop(image, *box, [size, size], antialias=True)
+                     for image, box in zip(images, boxes)]).float() / 255
+    numbers = numbers.to(device, torch.float32)
+    x = torch.where(numbers[:, 4, None, None, None] > 0, x.flip(-1), x)
+    x = jitter(x, numbers[:, 5:9], numbers[:, 9:].long())
+    return x.mul(255).round().to(torch.uint8), tokens, lengths, unreadable
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,68 +856,6 @@ def print_demo_parts(args, cfg, seconds, step, images):
     print(f"{'total':40} {'':17} {total:7.1f} s = {total / 60:.1f} min")
     print("(a barely trained model: its captions run to the 30-token limit, the demo's stop near 15, "
           "so val CIDEr here is about twice the demo's)")
-
-
-# ----------------------------------------------------------------------------------------------
-
-def main(args):
-    processes = virtex.init_processes()
-    rank, world, device, cpu_group = processes
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: find the fastest kernels once
-    virtex.check_batch(args.batch_size, world)
-    if args.benchmark:
-        return benchmark(args, device)
-    demo = args.data is None
-    run, train_data, val_data = prepare(args, rank, world, device, cpu_group)
-    cfg = run.cfg
-    stop = min(args.stop_after or cfg.iterations, cfg.iterations)
-    if run.start >= stop:
-        return virtex.print0(f"{run.out}/last.pt is at iteration {run.start}: nothing to do")
-    model = wrap_for_training(run.model, cfg, device, distributed=dist.is_initialized())
-    loader = virtex.resumable_loader(train_data, cfg, run.start, stop, processes, virtex.collate)
-    if rank == 0:
-        (run.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        run.log = open(run.out / "log.jsonl", "a")
-    bar = tqdm(total=cfg.iterations, initial=run.start, disable=rank != 0, dynamic_ncols=True)
-    history, unreadable, tick = [], [], time.perf_counter()
-    model.train()
-    with virtex.preemption() as preempted:
-        for iteration, batch in enumerate(loader, run.start + 1):
-            torch.manual_seed(virtex.mix_seed(cfg.seed, iteration, rank))  # dropout, as the data
-            if run.shards is not None:
-                *batch, (reader, *position) = batch
-                run.shards["positions"][reader] = tuple(position)
-            *batch, skipped = on_device(batch, device, args.decode, cfg.image_size)
-            history.append(train_step(model, run.optimizer, run.scaler, *batch, iteration - 1, cfg))
-            unreadable += skipped
-            bar.update()
-            signalled = virtex.any_rank(preempted, cpu_group)
-            end = iteration == stop or signalled
-            checkpoint = end or iteration % args.checkpoint_every == 0
-            if iteration % args.log_every == 0 or checkpoint:  # one sync per interval, not per step
-                seconds = time.perf_counter() - tick
-                stats = log_steps(run, torch.stack(history).cpu(), iteration, seconds, bar)
-                run.write({**stats, "unreadable_images": report(run, unreadable)})
-                history, unreadable, tick = [], [], time.perf_counter()
-            if checkpoint:  # saving first: a preempted run spends its grace period on that alone
-                weights = save(run, iteration)
-                due = end or iteration % (args.eval_every or args.checkpoint_every) == 0
-                if due and not signalled:
-                    record = evaluate(run, iteration, weights, val_data)
-                tick = time.perf_counter()
-            if end:
-                break
-    bar.close()
-    if not virtex.stopped_early(iteration, cfg.iterations, signalled) and demo:
-        compare_with_initial_weights(run, record)
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def cli(argv=None):
-    with virtex.one_line_errors():
-        main(parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -156,12 +156,18 @@ MUTANTS = [
      "top-1 and top-5 swapped", "top or linear"),
     ("virtex.py", "DDP_OPTIONS = dict(find_unused_parameters=True, gradient_as_bucket_view=True)",
      "DDP_OPTIONS = dict(static_graph=True, gradient_as_bucket_view=True)",
-     "DDP rebuilds its buckets: a resumed run of 4 processes rounds its first steps differently", "four_processes"),
-    ("train.py", "    virtex.broadcast_buffers(run.model)  # every rank evaluates the checkpoint's BatchNorm statistics",
-     "    pass", "ranks evaluate with the BatchNorm statistics of their own last batch", "four_processes"),
-    ("train.py", "        mine = {r: place for r, place in run.shards[\"positions\"].items() if r // workers == run.rank}",
-     "        mine = run.shards[\"positions\"]", "a resumed rank's stale copies of other readers' places are saved",
-     "shards"),
+     "DDP rebuilds its buckets: a resumed run of 4 processes rounds its first steps differently",
+     "four_processes"),
+    ("train.py",
+     "    virtex.broadcast_buffers(run.model)  # every rank evaluates the checkpoint's BatchNorm "
+     "statistics",
+     "    pass", "ranks evaluate with the BatchNorm statistics of their own last batch",
+     "four_processes"),
+    ("train.py",
+     "        mine = {r: place for r, place in run.shards[\"positions\"].items() "
+     "if r // workers == run.rank}",
+     "        mine = run.shards[\"positions\"]",
+     "a resumed rank's stale copies of other readers' places are saved", "shards"),
 ]
 
 
