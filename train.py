@@ -33,8 +33,8 @@ LONGER = ("iterations",)  # may change on resume, as virtex.RUNTIME: "train it l
 
 # The demo: what learns in minutes on two CPU cores (README: "The demo").
 TOY = dict(backbone="resnet18", image_size=64, crop_scale=0.5, hidden=256, vocab_size=128,
-           batch_size=64, workers=1, optimizer="adamw", lr=1e-3, cnn_lr=1e-3, weight_decay=1e-2,
-           warmup=100, iterations=1000, checkpoint_every=500, out="runs/toy")
+           batch_size=32, workers=0, optimizer="adamw", lr=2e-3, cnn_lr=2e-3, weight_decay=1e-2,
+           warmup=50, iterations=500, checkpoint_every=500, cider_images=100, out="runs/toy")
 VOCAB_CAPTIONS = 1_000_000  # captions a vocabulary is built from, at most (shards can hold 12M)
 
 

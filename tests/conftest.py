@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: launches torchrun or trains the demo")
+    config.addinivalue_line("markers", "slow: launches processes or trains for more than about a "
+                            "second (left out of the quick tier)")
 
 
 # A model small enough that a training step takes a few milliseconds on a CPU.

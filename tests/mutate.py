@@ -4,6 +4,7 @@ bugs into the code one at a time and check that the test suite catches each.
     python tests/mutate.py                 # every mutant: killed by which test, or SURVIVED
     python tests/mutate.py 3 7             # only mutants 3 and 7
     python tests/mutate.py --before        # without the tests written for the survivors
+    python tests/mutate.py --quick         # against the quick tier only (-m "not slow")
     python tests/mutate.py --list
 
 Each mutant runs in a copy of the project: first the tests named as its likely catchers, then, if
@@ -170,6 +171,190 @@ MUTANTS = [
      "a resumed rank's stale copies of other readers' places are saved", "shards"),
 ]
 
+# The second pass: bugs written from the code alone by a reviewer who had not read tests/, each
+# named by the property it breaks.
+SECOND_PASS = [
+    ('virtex.py',
+     '        return self.augment(image, augmentation), self.tokens(caption, '
+     'augmentation.flip), skipped',
+     '        return self.augment(image, augmentation), self.tokens(caption), skipped',
+     'a horizontally flipped training image gets its caption with left and right swapped',
+     'flip or left or right or swap or augmentation'),
+    ('virtex.py',
+     '        return torch.tensor([SOS, *self.tokenizer.encode(text), EOS][:self.max_length])',
+     '        return torch.tensor([SOS, *self.tokenizer.encode(text), EOS][:self.max_length - '
+     '1])',
+     'a caption keeps max_length tokens including [SOS] and [EOS] (a caption that fits keeps '
+     'its [EOS])',
+     'max_length or truncat or tokens or eos or caption'),
+    ('virtex.py',
+     '            first = i * self.batch_size + self.rank * per_rank',
+     '            first = i * self.batch_size + self.rank',
+     'each process takes a disjoint slice of every global batch; the slices together are the '
+     'one-process batch',
+     'sampler or rank or world or disjoint or processes or ddp'),
+    ('virtex.py',
+     '            yield [(self.order(p // self.n)[p % self.n], mix_seed(self.seed, p)) for p '
+     'in positions]',
+     '            yield [(self.order(p // self.n)[p % self.n], mix_seed(self.seed, p % '
+     'self.n)) for p in positions]',
+     'an image seen again in a later epoch gets a fresh augmentation and caption draw (seed '
+     'per sample position, not per image)',
+     'sampler or epoch or augmentation or seed or different'),
+    ('virtex.py',
+     '                        yield images, tokens, lengths, unreadable, (reader, epoch, '
+     'shard, index + 1)',
+     '                        yield images, tokens, lengths, unreadable, (reader, epoch, '
+     'shard, index)',
+     'a run resumed from tar shards reads on exactly after the last sample used (no sample '
+     'repeated)',
+     'shards or resume or uninterrupted or tar or stream'),
+    ('virtex.py',
+     '                seed = mix_seed(self.cfg.seed, epoch, shard_id)',
+     '                seed = mix_seed(self.cfg.seed, shard_id)',
+     "each epoch over tar shards reads each shard's samples in a new order with new "
+     'augmentations',
+     'shards or epoch or order or tar or stream'),
+    ('virtex.py',
+     '        out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=causal)',
+     '        out = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal=False)',
+     "with causal attention a position's output does not depend on later tokens (teacher "
+     'forcing cannot peek)',
+     'causal or future or mask or attention or peek or decoder'),
+    ('virtex.py',
+     '            mask = (positions < lengths[:, None])[:, None, None]  # (B, 1, 1, T)',
+     '            mask = (positions <= lengths[:, None])[:, None, None]  # (B, 1, 1, T)',
+     'bidirectional (masked LM) attention never attends to padding: outputs do not depend on '
+     'how much padding follows',
+     'masked_lm or padding or bidirectional or mask or attention'),
+    ('virtex.py',
+     '        parallel = torch.rand(len(tokens), device=tokens.device) < self.cfg.parallel  # '
+     '(B,)',
+     '        parallel = torch.rand(len(tokens), device=tokens.device) > self.cfg.parallel  # '
+     '(B,)',
+     'a caption is predicted in parallel (all [MASK] inputs) with probability cfg.parallel: '
+     '1.0 means every caption, 0 none',
+     'parallel or cappa or probability or mask'),
+    ('virtex.py',
+     '    return torch.where(index >= 0, tokens.gather(1, index.clamp(min=0)), PAD)',
+     '    return torch.where(index > 0, tokens.gather(1, index.clamp(min=0)), PAD)',
+     'reversing a caption [SOS] a b [EOS] gives [EOS] b a [SOS] (the backward head predicts '
+     '[SOS] last)',
+     'reverse or backward or bicaptioning or sos'),
+    ('virtex.py',
+     '    allowed = (positions >= 1) & (positions < lengths[:, None] - 1)  # (B, T)',
+     '    allowed = (positions >= 0) & (positions < lengths[:, None] - 1)  # (B, T)',
+     'masked LM never masks [SOS] or [EOS], only positions 1..T-2',
+     'masked_lm or mask_tokens or sos or eos or special'),
+    ('virtex.py',
+     '    return inputs, torch.where(masked, tokens, PAD)',
+     '    return inputs, torch.where(chosen, tokens, PAD)',
+     'masked LM supervises only the positions replaced by [MASK], not the randomly replaced or '
+     'kept ones',
+     'masked_lm or mask_tokens or labels or supervised'),
+    ('virtex.py',
+     '        loss_backward = self.token_loss(self.backward_textual, memory, backward[:, :-1], '
+     'backward[:, 1:])',
+     '        loss_backward = self.token_loss(self.textual, memory, backward[:, :-1], '
+     'backward[:, 1:])',
+     'bicaptioning trains a separate backward decoder on reversed captions (it receives '
+     'gradients)',
+     'bicaptioning or backward or gradient or head'),
+    ('virtex.py',
+     '            memory = memory.repeat_interleave(beam, dim=0)  # (B*beam, h*w, H)',
+     '            memory = memory.repeat(beam, 1, 1)  # (B*beam, h*w, H)',
+     'the caption of an image does not depend on the other images in its batch',
+     'caption or batch or beam or independent'),
+    ('virtex.py',
+     '        rows = (best // step.shape[1] + torch.arange(batch)[:, None] * beam).view(-1)',
+     '        rows = (best // step.shape[1] + torch.arange(batch)[:, None]).view(-1)',
+     'beam search of a batch gives each image the captions it gets alone',
+     'beam or batch or caption or independent'),
+    ('virtex.py',
+     '        if self.counter == self.k:',
+     '        if self.counter == self.k - 1:',
+     'LookAhead syncs fast and slow weights every k inner steps',
+     'lookahead or slow or every_k or optimizer'),
+    ('virtex.py',
+     '        return {**self.optimizer.state_dict(), "slow": self.slow, "counter": '
+     'self.counter}',
+     '        return {**self.optimizer.state_dict(), "slow": self.slow, "counter": 0}',
+     "LookAhead's step counter is checkpointed, so a resume mid-cycle is exact",
+     'lookahead or resume or uninterrupted or counter or state_dict'),
+    ('virtex.py',
+     '    in_heads = "textual" in parts[0] and parts[1] in ("embedding", "transformer")',
+     '    in_heads = "textual" in parts[0] and parts[1] in ("transformer",)',
+     "the textual embedding's LayerNorm and biases are exempt from weight decay (the official "
+     'set)',
+     'weight_decay or decay or param_groups or norm or bias'),
+    ('virtex.py',
+     '        return step / warmup',
+     '        return (step + 1) / warmup',
+     'the LR warms up linearly from 0: the first iteration runs at factor 0',
+     'warmup or schedule or lr or multiplier'),
+    ('virtex.py',
+     '    changed = [k for k, v in settings.items() if k not in RUNTIME and saved.get(k) != v]',
+     '    changed = [k for k, v in settings.items() if k in RUNTIME and saved.get(k) != v]',
+     'resuming with other model/data/optimisation settings is refused; only runtime settings '
+     'may change',
+     'resume or settings or refused or other or runtime'),
+    ('virtex.py',
+     '    return sorted(parts, key=lambda part: part[0][0])',
+     '    return parts',
+     'a sharded evaluation returns results in key order, equal to the unsharded evaluation',
+     'gather or sharded or shard or unsharded or distributed or world'),
+    ('train.py',
+     '    model, device = run.model.eval(), run.device',
+     '    model, device = run.model, run.device',
+     'the val loss is computed in eval mode (no dropout): deterministic and repeatable',
+     'val or validate or eval or deterministic or dropout'),
+    ('train.py',
+     '        run.best_map = max(run.best_map, record.get("voc_map", -1.0))',
+     '        run.best_map = record.get("voc_map", run.best_map)',
+     'best.pt holds the checkpoint with the highest VOC07 mAP of the whole run',
+     'best or voc_map or checkpoint or keep'),
+    ('probe.py',
+     '        columns.append([{"1": 1, "-1": 0, "0": -1}[v] for _, v in lines])  # VOC 0 means '
+     'difficult',
+     '        columns.append([{"1": 1, "-1": -1, "0": 0}[v] for _, v in lines])  # VOC 0 means '
+     'difficult',
+     'VOC label 0 means difficult (-1 here) and -1 means absent (0 here)',
+     'voc or read_voc or difficult or labels'),
+    ('probe.py',
+     '    train = fold.to(device)[:, c] != f',
+     '    train = fold.to(device)[:, c] == f',
+     'cross-validation fits each SVM on the other folds and scores the held-out fold',
+     'svm or fold or cross or validation or cost'),
+    ('probe.py',
+     '    parts = [(keys, F.normalize(features(visual, images, device, amp), dim=1).cpu())',
+     '    parts = [(keys, F.normalize(features(visual, images, device, amp), dim=0).cpu())',
+     "each image's feature is L2-normalised on its own (independent of the batch it is in)",
+     'normalize or features or l2 or batch or extract'),
+    ('probe.py',
+     '    run.trained.train()',
+     '    run.model.train()',
+     'linear evaluation keeps the frozen backbone in eval mode (its BatchNorm statistics never '
+     'change)',
+     'linear or frozen or batchnorm or backbone or eval'),
+    ('probe.py',
+     '            hidden = head(memory.repeat_interleave(len(chunk), 0), rows[:, :-1])  # '
+     '(B*c, T-1, H)',
+     '            hidden = head(memory.repeat(len(chunk), 1, 1), rows[:, :-1])  # (B*c, T-1, H)',
+     'a zero-shot score of (image, class) does not depend on the other images of the batch',
+     'zero_shot or likelihood or batch or independent or score'),
+    ('probe.py',
+     '            parts.append(logp.where(targets != virtex.PAD, 0.0).sum(1).view(B, -1))',
+     '            parts.append(logp.where(targets != virtex.PAD, 0.0).mean(1).view(B, -1))',
+     "a caption's zero-shot score is the sum of its token log-probabilities (padding excluded)",
+     'zero_shot or likelihood or sum or log or score'),
+    ('probe.py',
+     '        ids = [virtex.SOS, *tokenizer.encode(text), virtex.EOS]',
+     '        ids = [virtex.SOS, *tokenizer.encode(text)]',
+     'each class caption is [SOS] prompt [EOS]: the score includes ending the caption',
+     'zero_shot or class_captions or prompt or eos'),
+]
+MUTANTS += SECOND_PASS
+
 
 def run(command, cwd):
     """False when a test fails (or the suite cannot even start); True when none does, including
@@ -196,7 +381,7 @@ ADDED_FOR_SURVIVORS = [
 ]
 
 
-def mutate(index, mutant, tmp, before=False):
+def mutate(index, mutant, tmp, before=False, quick=False):
     path, original, bug, what, catchers = mutant
     copy = Path(tmp) / f"m{index}"
     ignored = shutil.ignore_patterns("data", "runs", ".git", "__pycache__", "*.pt")
@@ -206,6 +391,8 @@ def mutate(index, mutant, tmp, before=False):
         return f"{index:2d} NOT FOUND ({text.count(original)} matches) {what}"
     (copy / path).write_text(text.replace(original, bug))
     pytest = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    if quick:
+        pytest += ["-m", "not slow"]
     if before:
         pytest += [f"--deselect=tests/{name}" for name in ADDED_FOR_SURVIVORS if "[" in name]
         pytest += ["-k", " and ".join(f"not {name}" for name in ADDED_FOR_SURVIVORS if "[" not in name)]
@@ -222,9 +409,10 @@ def main():
     if "--list" in sys.argv:
         return print("\n".join(f"{i:2d} {m[0]}: {m[3]}" for i, m in enumerate(MUTANTS)))
     chosen = [int(a) for a in sys.argv[1:] if re.fullmatch(r"\d+", a)] or range(len(MUTANTS))
-    before = "--before" in sys.argv
+    before, quick = "--before" in sys.argv, "--quick" in sys.argv
     with tempfile.TemporaryDirectory() as tmp:
-        results = [print(line := mutate(i, MUTANTS[i], tmp, before), flush=True) or line for i in chosen]
+        results = [print(line := mutate(i, MUTANTS[i], tmp, before, quick), flush=True) or line
+                   for i in chosen]
     killed = sum("killed" in line for line in results)
     print(f"{killed} of {len(results)} mutants killed")
 

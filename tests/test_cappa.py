@@ -121,6 +121,7 @@ def test_parallel_outside_a_probability_or_a_captioning_task_is_refused(changes,
         dataclasses.replace(cfg, **changes)
 
 
+@pytest.mark.slow
 def test_a_parallel_run_resumes_exactly(coco, tmp_path):
     flags = ["--data", coco, "--parallel", "0.5", "--batch-size", "6", "--iterations", "4",
              "--checkpoint-every", "100"]

@@ -50,6 +50,7 @@ def test_each_kind_of_data_is_told_apart_by_caption_source(coco, toy):
         assert indexed.shards is None and {len(captions) for _, captions in indexed.items} == {5}
 
 
+@pytest.mark.slow
 def test_a_file_of_rows_trains_exactly_as_the_coco_folder_it_lists(coco, tmp_path, monkeypatch):
     """The same images and captions in the same order: the same vocabulary, samples and weights."""
     monkeypatch.setattr(train, "evaluate", lambda *_: {})  # the data is under test, not evaluation

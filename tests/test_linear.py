@@ -55,6 +55,7 @@ def test_malformed_inaturalist_annotations_are_named(edit, message, toy, tmp_pat
         probe.read_splits(root, probe.read_inaturalist)
 
 
+@pytest.mark.slow
 def test_bad_dataset_folders_end_with_one_line_naming_the_file(toy, tmp_path):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "train2018.json").write_text('{"images": [')
@@ -68,6 +69,7 @@ def test_bad_dataset_folders_end_with_one_line_naming_the_file(toy, tmp_path):
         probe.read_splits(shutil.copytree(toy / "imagenet" / "train", tmp_path / "train").parent)
 
 
+@pytest.mark.slow
 def test_finetuning_resumed_after_a_stop_equals_the_uninterrupted_run(toy, tmp_path, capsys):
     flags = [*TINY, "--finetune", "--inaturalist", toy / "inaturalist"]
     run_probe(*flags, "--out", tmp_path / "a")
@@ -110,6 +112,7 @@ def test_two_processes_stopped_and_resumed_match_one_process(toy, tmp_path, caps
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_its_step_and_the_resumed_run_equals_the_uninterrupted(
         toy, tmp_path, capsys, monkeypatch):
     flags = [*TINY, "--imagenet", toy / "imagenet"]
@@ -175,6 +178,7 @@ def test_a_last_pt_of_other_settings_or_another_backbone_is_refused(toy, tmp_pat
         run_probe(*flags, "--finetune", "--lr", 0.3)
 
 
+@pytest.mark.slow
 def test_several_backbones_get_a_folder_each_and_a_table(toy, tmp_path, capsys):
     from dataclasses import asdict
     tiny = tmp_path / "tiny.pt"

@@ -320,6 +320,7 @@ def optimizer_steps(run):
     return seen
 
 
+@pytest.mark.slow
 def test_every_recipe_steps_at_its_published_learning_rates(tmp_path, vocab, shards):
     """Each optimizer step runs at the LR, momentum and weight decay of its recipe as published:
     pretraining (SGD 0.9, warmup from 0 then cosine to 0, the CNN's LR and the heads', decay off
@@ -426,6 +427,7 @@ def edits(state, *missing):
     return {**edited, "one weight too many": {**state, "textual.extra.weight": torch.zeros(2)}}
 
 
+@pytest.mark.slow
 def test_a_checkpoint_is_loaded_whole_or_refused_with_one_line_naming_it(tmp_path, tokenizer, vocab,
                                                                          shards):
     """Every reader of weights (our checkpoints and the official code's, a torchvision state dict
@@ -517,6 +519,7 @@ def test_each_export_loads_whole_into_its_consumer(tmp_path, tokenizer):
 # ----------------------------------------------------------------------------------------------
 # Loss scaling changes nothing but the scale
 
+@pytest.mark.slow
 def test_fp16_loss_scaling_applies_the_gradients_of_an_unscaled_step(tmp_path, vocab, shards,
                                                                      monkeypatch):
     """With fp16 loss scaling on (the GPU path of --amp fp16, its GradScaler enabled on the CPU,

@@ -42,6 +42,7 @@ def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_pat
     assert virtex.load_checkpoint(tmp_path / "out" / "last.pt")["iteration"] == 4
 
 
+@pytest.mark.slow
 def test_an_unreadable_val_image_is_named_at_the_evaluation(coco, tmp_path, capsys):
     (coco / "val2017" / "000000000001.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     run(coco, tmp_path / "out", "--iterations", "2", "--checkpoint-every", "2")
@@ -103,6 +104,7 @@ def test_wrong_invocations_end_with_one_clear_line(flags, message, coco, tmp_pat
         train.cli([*TINY, *FAST, "--out", str(tmp_path / "out"), *map(fill, flags)])
 
 
+@pytest.mark.slow
 def test_a_bad_invocation_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "train.py", "--data", str(tmp_path / "nowhere")],
                             cwd=ROOT,
@@ -123,6 +125,7 @@ def test_a_vocabulary_that_does_not_match_the_checkpoint_is_refused(tmp_path, mo
                      "--vocab", str(tmp_path / "other.model"), str(tmp_path / "x.jpg")])
 
 
+@pytest.mark.slow
 def test_a_foreign_or_other_vocabulary_last_pt_refuses_to_resume(coco, tmp_path, tokenizer):
     run(coco, tmp_path / "a", "--iterations", "4", "--stop-after", "2")
     virtex.Tokenizer.train([f"word{i} thing{i}" for i in range(300)], tmp_path / "other",
@@ -195,6 +198,7 @@ def test_an_interrupted_write_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(coco, tmp_path, monkeypatch):
     run(coco, tmp_path / "straight", "--iterations", "6", "--checkpoint-every", "100")
     set_lr = virtex.set_lr
@@ -229,6 +233,7 @@ def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     assert checkpoint["iteration"] == 2 and all(v.isfinite().all() for v in weights)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("column", ["grad_norm", "loss_backward"])
 def test_one_non_finite_value_in_one_column_stops_the_run_at_its_step(coco, tmp_path, monkeypatch,
                                                                       column):

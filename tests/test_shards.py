@@ -44,6 +44,7 @@ def test_every_epoch_reads_the_shards_in_a_new_order(toy, tokenizer, cfg):
     assert not torch.equal(batches[0][0], batches[6][0])
 
 
+@pytest.mark.slow
 def test_training_from_shards_resumes_exactly_with_loader_workers(toy, tmp_path):
     flags = ["--data", toy / "shards", "--val", toy / "coco", "--workers", "2", "--iterations", "4",
              "--checkpoint-every", "100"]

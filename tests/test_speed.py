@@ -74,6 +74,7 @@ def compiler_works():
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not compiler_works(), reason="torch.compile has no working C++ toolchain here")
 def test_compiled_model_equals_eager(model, cfg):
     model.eval()
@@ -182,6 +183,7 @@ def test_a_jpeg_that_does_not_decode_on_the_device_is_replaced_and_named(tmp_pat
     assert torch.equal(images[0], images[1]) and unreadable == ["broken.jpg: not a JPEG that decodes"]
 
 
+@pytest.mark.slow
 def test_resume_with_decoding_on_the_device_equals_an_uninterrupted_run(toy, tmp_path):
     flags = ["--toy-dir", toy, "--decode", "device", "--iterations", "4",
              "--checkpoint-every", "100"]
@@ -194,6 +196,7 @@ def test_resume_with_decoding_on_the_device_equals_an_uninterrupted_run(toy, tmp
 
 # -- --benchmark demo: where the demo's time goes ---------------------------------------------
 
+@pytest.mark.slow
 def test_benchmark_demo_counts_each_part_as_often_as_the_demo_runs_it(toy, capsys):
     import re
     train.cli(["--benchmark", "demo", "--toy-dir", str(toy), *TINY, "--iterations", "50",

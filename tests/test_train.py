@@ -55,6 +55,7 @@ def test_resume_after_stop_equals_uninterrupted_run(toy, tmp_path):
     assert any("voc_map" in line and "val_loss" in line for line in logged)
 
 
+@pytest.mark.slow
 def test_checkpoint_carries_its_vocabulary_and_probes(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "2")
     assert {p.name for p in tmp_path.glob("*.pt")} == {"last.pt", "best.pt", "checkpoint_2.pt",
@@ -67,6 +68,7 @@ def test_checkpoint_carries_its_vocabulary_and_probes(toy, tmp_path):
 
 @pytest.mark.parametrize("task", ["captioning", "masked_lm", "token_classification",
                                   "multilabel_classification"])
+@pytest.mark.slow
 def test_every_task_trains_and_its_checkpoint_loads_back(task, toy, tmp_path):
     run(toy, tmp_path, "--task", task, "--iterations", "2", "--checkpoint-every", "2")
     model, _ = virtex.load_model(tmp_path / "last.pt")
@@ -78,6 +80,7 @@ def test_every_task_trains_and_its_checkpoint_loads_back(task, toy, tmp_path):
     assert all(torch.equal(official.state_dict()[k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_changed_settings_refuse_to_resume_but_training_longer_is_accepted(toy, tmp_path, capsys):
     run(toy, tmp_path, "--iterations", "4", "--stop-after", "2")
     with pytest.raises(SystemExit, match="hidden"):
@@ -144,6 +147,7 @@ def test_a_batch_that_does_not_split_across_processes_is_refused(toy, tmp_path, 
         run(toy, tmp_path, "--batch-size", "3")
 
 
+@pytest.mark.slow
 def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(toy, tmp_path):
     run(toy, tmp_path, "--iterations", "4", "--checkpoint-every", "1", "--eval-every", "2")
     kept = {p.name for p in tmp_path.glob("checkpoint_*.pt")}
@@ -155,6 +159,7 @@ def test_eval_every_skips_evaluations_but_not_checkpoints_and_times_each_part(to
     assert evaluated[0]["eval_cache_mb"] > 0  # the inputs decoded at the first evaluation, kept
 
 
+@pytest.mark.slow
 def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, monkeypatch):
     loaded = []
     getitem = virtex.CaptioningDataset.__getitem__
@@ -173,6 +178,7 @@ def test_each_rank_trains_on_its_own_slice_of_every_global_batch(toy, tmp_path, 
     assert len(alone) == 16 and ranks == [alone[0:4] + alone[8:12], alone[4:8] + alone[12:16]]
 
 
+@pytest.mark.slow
 def test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint(toy, tmp_path, monkeypatch):
     import itertools
     maps = itertools.chain([50.0, 10.0], itertools.repeat(0.0))
@@ -184,6 +190,7 @@ def test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint(toy, tmp_path,
     assert best["iteration"] == 2 and best["voc_map"] == 50.0
 
 
+@pytest.mark.slow
 def test_each_step_runs_at_the_scheduled_learning_rates(toy, tmp_path, monkeypatch):
     import math
     seen, step = [], virtex.LookAhead.step

@@ -85,6 +85,7 @@ def test_vit_param_groups_put_no_decay_on_norms_biases_position_embedding_or_cla
         assert all((names[id(p)] in visual) == (g["lr"] == cfg.cnn_lr) for p in g["params"])
 
 
+@pytest.mark.slow
 def test_a_tiny_vit_overfits_one_batch_by_looking_at_the_images(cfg):
     settings = dict(optimizer="adamw", lr=1e-2, cnn_lr=1e-3, warmup=1, iterations=40, dropout=0.0)
     model = tiny_vit(dataclasses.replace(cfg, **settings))
@@ -106,6 +107,7 @@ def test_a_tiny_vit_overfits_one_batch_by_looking_at_the_images(cfg):
         assert model(images, tokens)["loss"].item() < mismatched - 0.5
 
 
+@pytest.mark.slow
 def test_a_tiny_vit_resumed_after_a_stop_equals_the_uninterrupted_run(toy, tmp_path):
     flags = ["--toy-dir", toy, *VIT, "--iterations", "4", "--checkpoint-every", "100"]
     run_train(tmp_path / "a", *flags)
