@@ -232,7 +232,7 @@ def test_every_loader_trains_on_each_sample_once_an_epoch_in_a_new_order(tmp_pat
                                                                           vocab):
     """From a COCO folder or tar shards, with or without loader workers, in one process or two,
     each epoch trains on every sample exactly once (no rank or worker reads one twice), in another
-    order than the epoch before."""
+    order than the epoch before, and draws the samples' augmentations anew."""
     samples = [(colour, named(colour, i)) for i in range(4) for colour in ("red", "green")]
     sources = [write_captioned(tmp_path / "coco", samples),
                write_shards(tmp_path / "tars", samples, 2)]
@@ -248,6 +248,10 @@ def test_every_loader_trains_on_each_sample_once_an_epoch_in_a_new_order(tmp_pat
         where = f"{data.name}, {workers} workers, {world} processes"
         assert sorted(seen[:8]) == sorted(seen[8:]) == sorted(c for _, c in samples), where
         assert seen[:8] != seen[8:], where
+        images = [image for batch in batches for image in batch[0]]
+        first, second = (dict(zip(seen[e:e + 8], images[e:e + 8])) for e in (0, 8))
+        # Solid images: only the colour jitter shows, and an image may draw none twice; not all do.
+        assert any(not torch.equal(first[c], second[c]) for c in first), where
 
 
 # ----------------------------------------------------------------------------------------------

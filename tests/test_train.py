@@ -120,6 +120,7 @@ def test_two_nodes_train_checkpoint_once_resume_and_evaluate_as_one_process(toy,
 @pytest.mark.slow
 def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path):
     import re
+    import select
     import signal
     command = torchrun_command("train.py", "--toy-dir", toy, "--out", tmp_path, *TINY,
                                "--iterations", "200",
@@ -129,6 +130,7 @@ def test_sigterm_under_torchrun_stops_every_rank_at_the_same_step(toy, tmp_path)
     progress = b""
     # rank 0's progress bar: training is under way
     while not re.search(rb"\b([2-9]|\d\d+)/200\b", progress):
+        assert select.select([process.stderr], [], [], 300)[0], "no progress in 300 s"
         chunk = os.read(process.stderr.fileno(), 4096)
         assert chunk, progress.decode()[-2000:]
         progress += chunk
