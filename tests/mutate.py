@@ -378,6 +378,8 @@ ADDED_FOR_SURVIVORS = [
     "test_each_step_runs_at_the_scheduled_learning_rates", "test_dropout_is_drawn_anew_at_every_step",
     "test_masked_lm_attention_does_not_see_padding", "test_every_epoch_reads_the_shards_in_a_new_order",
     "test_top1_and_top5_count_the_best_and_the_five_best_classes",
+    "test_best_pt_keeps_the_best_checkpoint_of_the_run_not_the_best_since_the_last",
+    "test_voc_labels_read_1_as_present_minus_1_as_absent_and_0_as_difficult",
 ]
 
 

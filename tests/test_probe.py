@@ -187,6 +187,21 @@ def test_a_feature_cache_of_other_weights_is_refused(checkpoint, toy, tmp_path):
                                                           tmp_path / "f.pt")
 
 
+def test_voc_labels_read_1_as_present_minus_1_as_absent_and_0_as_difficult(tmp_path):
+    from PIL import Image
+    main = tmp_path / "ImageSets" / "Main"
+    main.mkdir(parents=True)
+    (tmp_path / "JPEGImages").mkdir()
+    for i in ("000001", "000002", "000003"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "JPEGImages" / f"{i}.jpg")
+    for split in ("trainval", "test"):
+        (main / f"dog_{split}.txt").write_text("000001  1\n000002 -1\n000003  0\n")
+    paths, labels, classes = probe.read_voc(tmp_path, "test")
+    assert classes == ["dog"] and [p.name for p in paths] == ["000001.jpg", "000002.jpg",
+                                                               "000003.jpg"]
+    assert labels[:, 0].tolist() == [1, 0, -1]  # present, absent, difficult (left out of AP)
+
+
 def test_malformed_voc_labels_are_named(toy, tmp_path):
     import shutil
     voc = shutil.copytree(toy / "voc" / "VOCdevkit" / "VOC2007", tmp_path / "VOC2007")

@@ -193,6 +193,18 @@ def test_best_pt_survives_a_resume_followed_by_a_worse_checkpoint(toy, tmp_path,
 
 
 @pytest.mark.slow
+def test_best_pt_keeps_the_best_checkpoint_of_the_run_not_the_best_since_the_last(toy, tmp_path,
+                                                                                monkeypatch):
+    import itertools
+    maps = itertools.chain([50.0, 10.0, 30.0], itertools.repeat(0.0))  # then the floor's probe
+    monkeypatch.setattr(probe.VOC07, "evaluate",
+                        lambda self, splits, device: torch.full((20,), next(maps)))
+    run(toy, tmp_path, "--iterations", "3", "--checkpoint-every", "1", "--cider-images", "1")
+    best = virtex.load_checkpoint(tmp_path / "best.pt")
+    assert best["iteration"] == 1 and best["voc_map"] == 50.0
+
+
+@pytest.mark.slow
 def test_each_step_runs_at_the_scheduled_learning_rates(toy, tmp_path, monkeypatch):
     import math
     seen, step = [], virtex.LookAhead.step
