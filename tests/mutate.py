@@ -380,6 +380,7 @@ ADDED_FOR_SURVIVORS = [
     "test_top1_and_top5_count_the_best_and_the_five_best_classes",
     "test_best_pt_keeps_the_best_checkpoint_of_the_run_not_the_best_since_the_last",
     "test_voc_labels_read_1_as_present_minus_1_as_absent_and_0_as_difficult",
+    "test_a_class_caption_is_the_token_sequence_training_predicts",
 ]
 
 

@@ -135,6 +135,17 @@ def test_a_parallel_run_resumes_exactly(coco, tmp_path):
 
 # -- zero-shot classification by captions ------------------------------------------------------
 
+def test_a_class_caption_is_the_token_sequence_training_predicts(tokenizer, cfg):
+    """Zero-shot scores the caption as the model learnt to emit it, ending ([EOS]) included."""
+    classes = ["red_circle", "blue_square", "green_triangle"]
+    captions = probe.class_captions(tokenizer, classes, "a picture of a {}", cfg.max_length)
+    trained = virtex.CaptioningDataset([], tokenizer, cfg, train=False)
+    for row, name in zip(captions, classes):
+        expected = trained.tokens(f"a picture of a {probe.class_words(name)}")
+        assert row[:len(expected)].tolist() == expected.tolist()
+        assert (row[len(expected):] == virtex.PAD).all()
+
+
 def test_class_names_read_as_words():
     names = ("red_circle", "diningtable", "pottedplant", "tvmonitor", "aeroplane")
     assert [probe.class_words(n) for n in names] == [
