@@ -167,6 +167,7 @@ def test_fine_tuning_lr_drops_tenfold_at_epochs_70_and_90_and_linear_decays_to_z
         [1, 0.5, 0])
 
 
+@pytest.mark.slow
 def test_a_last_pt_of_other_settings_or_another_backbone_is_refused(toy, tmp_path):
     flags = [*TINY, "--imagenet", toy / "imagenet", "--out", tmp_path]
     run_probe(*flags, "--stop-after", 1)

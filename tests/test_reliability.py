@@ -22,6 +22,7 @@ def run(data, out, *flags):
     run_train(out, "--data", data, *FAST, *flags)
 
 
+@pytest.mark.slow
 def test_corrupt_missing_and_cmyk_images_are_reported_and_replaced(coco, tmp_path, capsys):
     images = coco / "train2017"
     (images / "000000000002.jpg").write_bytes(b"\xff\xd8 not a jpeg")
@@ -218,6 +219,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resumes_exactly(coco, tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(coco, tmp_path,
                                                                                 monkeypatch):
     forward, calls = virtex.VirTex.forward, []

@@ -81,6 +81,7 @@ def add_members(tar_path, members):
             tar.addfile(info, io.BytesIO(data))
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_an_empty_caption_and_a_missing_image_are_named_and_skipped(toy, tmp_path,
                                                                                     capsys):
     shards = shutil.copytree(toy / "shards", tmp_path / "shards")

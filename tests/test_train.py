@@ -217,6 +217,7 @@ def test_each_step_runs_at_the_scheduled_learning_rates(toy, tmp_path, monkeypat
     assert seen == [pytest.approx(sorted({0.01 * f, 0.1 * f})) for f in factors]
 
 
+@pytest.mark.slow
 def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
     seeds, manual_seed = [], torch.manual_seed
     monkeypatch.setattr(torch, "manual_seed", lambda seed: seeds.append(seed) or manual_seed(seed))
@@ -226,6 +227,7 @@ def test_dropout_is_drawn_anew_at_every_step(toy, tmp_path, monkeypatch):
     assert steps == [virtex.mix_seed(0, i, 0) for i in (1, 2, 3)] and len(set(steps)) == 3
 
 
+@pytest.mark.slow
 def test_evaluation_follows_the_runs_precision(toy, tmp_path, monkeypatch):
     asked, autocast = [], virtex.autocast
     monkeypatch.setattr(virtex, "autocast",

@@ -121,6 +121,7 @@ def test_a_tiny_vit_resumed_after_a_stop_equals_the_uninterrupted_run(toy, tmp_p
     assert any(k.startswith("visual.vit.encoder.") for k in model.state_dict())
 
 
+@pytest.mark.slow
 def test_a_tiny_vit_probes_on_the_toy_voc_and_imagenet(cfg, toy, tmp_path, capsys):
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
     checkpoint = save(tiny_vit(cfg), tmp_path / "vit.pt")
