@@ -777,9 +777,10 @@ def captioners(args):
 def zero_shot_set(args, rank):
     """(image paths, labels, class names): val of --imagenet/--inaturalist ((N,) labels) or the
     VOC07 test split ((N, classes) labels: 1 present, 0 absent, -1 difficult)."""
-    if classification_data(args) is None:
+    data = classification_data(args)
+    if data is None:
         return read_voc(voc_root(args, rank), "test")
-    root, read = classification_data(args)
+    root, read = data
     items, classes = read(root, "val")
     if args.class_names:
         lines = Path(args.class_names).read_text().splitlines()

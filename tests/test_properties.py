@@ -27,8 +27,8 @@ from conftest import CAPTIONS, run_train
 CPU = torch.device("cpu")
 
 # ----------------------------------------------------------------------------------------------
-# Seams: the internal entry points these tests call that the reorganisation of issue 21 may move,
-# one line each, to re-point then. The rest goes through the command lines, VirTex and the files.
+# Seams: the internal entry points these tests call, one line each, so that a reorganisation of
+# the scripts re-points them here. The rest goes through the command lines, VirTex and the files.
 
 def training_batches(flags, count, rank=0, world=1):
     """The first `count` batches the loop of `train.py FLAGS` trains on as `rank` of `world`
