@@ -1121,6 +1121,10 @@ def benchmark_zero_shot(quick=False, images=4, classes=32, tokens=10):
           f"{5e7 * flops / 1e15:.0f} PFLOP): {5e7 / rate / 3600:.1f} hours")
 
 
-if __name__ == "__main__":
+def cli(argv=None):
     with virtex.one_line_errors():
-        main(get_args_parser().parse_args())
+        main(get_args_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()

@@ -131,7 +131,7 @@ MUTANTS = [
     ("probe.py", "    weight = torch.where(targets > 0, 2.0, 1.0)",
      "    weight = torch.where(targets > 0, 1.0, 1.0)", "SVM positives not weighted 2", "scikit"),
     ("virtex.py", "    return sorted(parts, key=lambda part: part[0][0])", "    return parts",
-     "gathered features in rank order, not image order", "torchrun_probe or shards_are"),
+     "gathered features in rank order, not image order", "voc07_probe_prints or shards_are"),
     ("probe.py",
      "    best = costs[cv.argmax(1).to(device)]  # the first maximum: ties keep the smaller C",
      "    best = costs[cv.argmin(1).to(device)]  # the first maximum: ties keep the smaller C",
@@ -163,7 +163,7 @@ MUTANTS = [
      "    virtex.broadcast_buffers(run.model)  # every rank evaluates the checkpoint's BatchNorm "
      "statistics",
      "    pass", "ranks evaluate with the BatchNorm statistics of their own last batch",
-     "four_processes"),
+     "four_ranks"),
     ("train.py",
      "        mine = {r: place for r, place in run.shards[\"positions\"].items() "
      "if r // workers == run.rank}",

@@ -236,17 +236,6 @@ def test_shards_are_the_same_batches_whatever_the_number_of_processes():
     assert torch.cat([x for _, x in virtex.gather(parts[0] + parts[1], None)]).tolist() == keys
 
 
-@pytest.mark.slow
-def test_torchrun_probe_prints_the_map_of_one_process(checkpoint, toy, capsys):
-    from conftest import torchrun
-    voc = toy / "voc" / "VOCdevkit" / "VOC2007"
-    run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0)
-    alone = capsys.readouterr().out.strip().splitlines()[-1]
-    result = torchrun("probe.py", "--ckpt", checkpoint, "--voc", voc, "--workers", 0)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip().splitlines()[-1] == alone and alone.startswith("mAP: ")
-
-
 def test_probe_features_have_unit_norm(checkpoint, toy):
     model, _ = virtex.load_model(checkpoint)
     voc = probe.VOC07(toy / "voc" / "VOCdevkit" / "VOC2007", 32, workers=0)

@@ -10,7 +10,7 @@ import torch
 
 import train
 import virtex
-from conftest import TINY, run_train, torchrun
+from conftest import run_train
 
 
 def test_brace_patterns_and_folders_name_the_same_sorted_shards(toy):
@@ -58,19 +58,6 @@ def test_training_from_shards_resumes_exactly_with_loader_workers(toy, tmp_path)
     assert a["shards"] == b["shards"]
     with pytest.raises(SystemExit, match="read other data"):  # another number of readers
         run_train(tmp_path / "b", *flags[:-4], "--workers", "3", "--iterations", "6")
-
-
-@pytest.mark.slow
-def test_torchrun_on_shards_trains_and_resumes_exactly(toy, tmp_path):
-    flags = ["--data", toy / "shards", *TINY, "--iterations", "3", "--checkpoint-every", "100",
-             "--eval-every", "100"]
-    for out, extra in (("a", []), ("b", ["--stop-after", "1"]), ("b", [])):
-        result = torchrun("train.py", *flags, "--out", tmp_path / out, *extra)
-        assert result.returncode == 0, result.stderr[-2000:]
-    a, b = (virtex.load_checkpoint(tmp_path / d / "last.pt") for d in "ab")
-    assert a["iteration"] == b["iteration"] == 3 and set(a["shards"]["positions"]) == {0, 1}
-    assert a["shards"] == b["shards"]  # where each rank's reader stands, for the next resume
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 def add_members(tar_path, members):
