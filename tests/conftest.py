@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: a throwaway vocabulary, a tiny model, a tiny COCO folder, the toy
 world, and train.py run in this process or under torchrun."""
+import copy
 import json
 import os
 import random
@@ -45,10 +46,25 @@ def cfg(tokenizer):
                          image_size=64, batch_size=4, workers=0, warmup=2, iterations=20)
 
 
+BUILT = {}
+
+
+def seeded_model(cfg, seed=0):
+    """virtex.VirTex(cfg) as built right after torch.manual_seed(seed), with the generator left as
+    that build leaves it. Each model is built once and copied: a ResNet-18's initialisation takes
+    0.2 s, which dozens of tests would repeat."""
+    key = (repr(cfg), seed)
+    if key not in BUILT:
+        torch.manual_seed(seed)
+        BUILT[key] = virtex.VirTex(cfg), torch.get_rng_state()
+    model, generator = BUILT[key]
+    torch.set_rng_state(generator)
+    return copy.deepcopy(model)
+
+
 @pytest.fixture
 def model(cfg):
-    torch.manual_seed(0)
-    return virtex.VirTex(cfg)
+    return seeded_model(cfg)
 
 
 def write_coco(root, split, n, captions_per_image=3, seed=0, size=(80, 60)):

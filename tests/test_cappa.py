@@ -10,7 +10,7 @@ from torch import nn
 import probe
 import train
 import virtex
-from conftest import run_train, torchrun
+from conftest import run_train, seeded_model, torchrun
 
 MAX_LENGTH = 12
 
@@ -22,8 +22,7 @@ def captions(*rows):
 
 
 def tiny(cfg, **changes):
-    torch.manual_seed(0)
-    return virtex.VirTex(dataclasses.replace(cfg, max_length=MAX_LENGTH, **changes))
+    return seeded_model(dataclasses.replace(cfg, max_length=MAX_LENGTH, **changes))
 
 
 def recorded(model, images, tokens, seed=0):

@@ -5,6 +5,7 @@ import torch
 
 import probe
 import virtex
+from conftest import seeded_model
 
 
 def test_average_precision_matches_hand_computed_cases():
@@ -97,10 +98,9 @@ def test_svm_protocol_matches_scikit_learn():
 @pytest.fixture
 def checkpoint(tmp_path, toy):
     from dataclasses import asdict
-    torch.manual_seed(0)
     cfg = virtex.Config(backbone="resnet18", hidden=32, heads=2, vocab_size=64, image_size=32)
     virtex.save_checkpoint(tmp_path / "tiny.pt",
-                           {"model": virtex.VirTex(cfg).state_dict(), "config": asdict(cfg)})
+                           {"model": seeded_model(cfg).state_dict(), "config": asdict(cfg)})
     return tmp_path / "tiny.pt"
 
 

@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import probe
 import train
 import virtex
-from conftest import CAPTIONS, run_train
+from conftest import CAPTIONS, run_train, seeded_model
 
 CPU = torch.device("cpu")
 
@@ -130,8 +130,7 @@ def write_image_folder(root, train_images=4):
 
 
 def write_checkpoint(path, cfg, seed=0):
-    torch.manual_seed(seed)
-    virtex.save_checkpoint(path, {"model": virtex.VirTex(cfg).state_dict(), "config": asdict(cfg)})
+    virtex.save_checkpoint(path, {"model": seeded_model(cfg, seed).state_dict(), "config": asdict(cfg)})
     return path
 
 
@@ -171,8 +170,7 @@ def caption_of(tokens, length, tokenizer):
 def captioner(cfg):
     """A tiny model whose captions differ from image to image (an initial one says the same of
     all): its head's matrices drawn at scale 1, [EOS] made likely enough to end some early."""
-    torch.manual_seed(0)
-    model = virtex.VirTex(cfg).eval()
+    model = seeded_model(cfg).eval()
     with torch.no_grad():
         for p in model.textual.parameters():
             if p.dim() == 2:
@@ -497,8 +495,7 @@ def test_each_export_loads_whole_into_its_consumer(tmp_path, tokenizer):
     backbone's features with; for detectron2, a file torch.load reads as {"model", "__author__",
     "matching_heuristics"} whose names are exactly its ResNet's (R-18's and the paper's R-50)."""
     cfg = virtex.Config(**{**TINY_MODEL, "vocab_size": len(tokenizer), "image_size": 64})
-    torch.manual_seed(0)
-    model = virtex.VirTex(cfg).eval()
+    model = seeded_model(cfg).eval()
     checkpoint = {"model": model.state_dict(), "config": asdict(cfg), "vocab": tokenizer.model}
     virtex.save_checkpoint(tmp_path / "m.pt", checkpoint)
     for format in ("torchvision", "detectron2"):

@@ -7,14 +7,13 @@ import torchvision
 
 import probe
 import virtex
-from conftest import run_train
+from conftest import run_train, seeded_model
 
 VIT = ["--backbone", "vit_tiny_8"]  # at conftest.TINY's 32 px: 4x4 patches of 8 px
 
 
 def tiny_vit(cfg):
-    torch.manual_seed(0)
-    return virtex.VirTex(dataclasses.replace(cfg, backbone="vit_tiny_8", image_size=32))
+    return seeded_model(dataclasses.replace(cfg, backbone="vit_tiny_8", image_size=32))
 
 
 def toy_vision_transformer(image_size):
