@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: a throwaway vocabulary, a tiny model, a tiny COCO folder, the toy
 world, and train.py run in this process or under torchrun."""
 import copy
+import gc
 import json
 import os
 import random
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
+    gc.freeze()  # torch's and pytest's objects live all session: full collections need not scan them
     config.addinivalue_line("markers", "slow: launches processes or trains for more than about a "
                             "second (left out of the quick tier)")
 
