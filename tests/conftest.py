@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: a throwaway vocabulary, a tiny model, a tiny COCO folder, the toy
-world, and train.py run in this process or under torchrun."""
+world, and train.py and probe.py run in this process or under torchrun."""
 import copy
 import gc
 import json
@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import probe
 import train
 import virtex
 
@@ -106,6 +107,11 @@ def toy(tmp_path_factory):
 def run_train(out, *flags):
     """train.py in this process, the tiny model; later flags win (e.g. --data or --toy-dir)."""
     train.cli(["--out", str(out), *TINY, *map(str, flags)])
+
+
+def run_probe(*flags):
+    """probe.py in this process; its errors raised as they are (not ended as one line)."""
+    probe.main(probe.get_args_parser().parse_args([str(f) for f in flags]))
 
 
 def torchrun_command(script, *flags, launch=("--standalone", "--nproc_per_node=2")):

@@ -10,7 +10,7 @@ from torch import nn
 import probe
 import train
 import virtex
-from conftest import run_train, seeded_model, torchrun
+from conftest import run_probe, run_train, seeded_model, torchrun
 
 MAX_LENGTH = 12
 
@@ -203,8 +203,7 @@ def captioner(toy, tmp_path_factory):
 
 
 def zero_shot(*flags):
-    flags = ["--zero-shot", "--workers", "0", *map(str, flags)]
-    probe.main(probe.get_args_parser().parse_args(flags))
+    run_probe("--zero-shot", "--workers", 0, *flags)
 
 
 def scorings_of(path, paths, classes):

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import virtex
-from conftest import TINY, torchrun
-from test_properties import run_probe
+from conftest import TINY, run_probe, torchrun
 
 pytestmark = pytest.mark.slow
 

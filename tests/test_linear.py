@@ -10,14 +10,11 @@ import torch
 
 import probe
 import virtex
+from conftest import run_probe
 
 # A random ResNet-18 at 32 px, one epoch of the toy's 400 train images: 13 iterations of batch 32.
 TINY = ["--init", "random", "--backbone", "resnet18", "--image-size", "32", "--epochs", "1",
         "--batch-size", "32", "--workers", "0"]
-
-
-def run_probe(*flags):
-    probe.main(probe.get_args_parser().parse_args([str(f) for f in flags]))
 
 
 def last_line(capsys):

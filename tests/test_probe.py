@@ -5,7 +5,7 @@ import torch
 
 import probe
 import virtex
-from conftest import seeded_model
+from conftest import run_probe, seeded_model
 
 
 def test_average_precision_matches_hand_computed_cases():
@@ -102,10 +102,6 @@ def checkpoint(tmp_path, toy):
     virtex.save_checkpoint(tmp_path / "tiny.pt",
                            {"model": seeded_model(cfg).state_dict(), "config": asdict(cfg)})
     return tmp_path / "tiny.pt"
-
-
-def run_probe(*argv):
-    probe.main(probe.get_args_parser().parse_args([str(a) for a in argv]))
 
 
 def test_cli_on_the_toy_voc_prints_classes_and_map_last(checkpoint, toy, tmp_path, capsys,

@@ -22,7 +22,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import probe
 import train
 import virtex
-from conftest import CAPTIONS, run_train, seeded_model
+from conftest import CAPTIONS, run_probe, run_train, seeded_model
 
 CPU = torch.device("cpu")
 
@@ -144,10 +144,6 @@ def vocab(tokenizer, tmp_path):
 def shards(tmp_path):
     """8 red samples in 4 tar shards: pretraining without an evaluation (no val split)."""
     return write_shards(tmp_path / "shards", [("red", named("red", i)) for i in range(8)], 2)
-
-
-def run_probe(*flags):
-    probe.main(probe.get_args_parser().parse_args([str(f) for f in flags]))
 
 
 def levels(x):

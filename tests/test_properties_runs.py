@@ -6,8 +6,8 @@ import json
 import pytest
 
 import virtex
-from conftest import TINY, run_train, torchrun
-from test_properties import TINY_MODEL, run_probe, write_checkpoint
+from conftest import TINY, run_probe, run_train, torchrun
+from test_properties import TINY_MODEL, write_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ import torchvision
 
 import probe
 import virtex
-from conftest import run_train, seeded_model
+from conftest import run_probe, run_train, seeded_model
 
 VIT = ["--backbone", "vit_tiny_8"]  # at conftest.TINY's 32 px: 4x4 patches of 8 px
 
@@ -124,7 +124,6 @@ def test_a_tiny_vit_resumed_after_a_stop_equals_the_uninterrupted_run(toy, tmp_p
 def test_a_tiny_vit_probes_on_the_toy_voc_and_imagenet(cfg, toy, tmp_path, capsys):
     voc = toy / "voc" / "VOCdevkit" / "VOC2007"
     checkpoint = save(tiny_vit(cfg), tmp_path / "vit.pt")
-    run_probe = lambda *flags: probe.main(probe.get_args_parser().parse_args(list(map(str, flags))))
     run_probe("--ckpt", checkpoint, "--voc", voc, "--workers", 0)
     model, _ = virtex.load_model(checkpoint)
     expected = probe.voc07(model.visual, voc, 32, torch.device("cpu"), workers=0).mean()
