@@ -521,8 +521,9 @@ def start_run(visual, splits, image_size, out, recipe, processes):
     torch.manual_seed(recipe.seed)
     model = Classifier(visual, len(splits.classes)).to(device)
     trained = model if recipe.finetune else model.fc
-    optimizer = torch.optim.SGD(trained.parameters(), recipe.lr, momentum=0.9,  # fused: as train.py
-                                weight_decay=recipe.weight_decay, fused=device.type in ("cuda", "cpu"))
+    fused = virtex.has_fused_kernels(device)
+    optimizer = torch.optim.SGD(trained.parameters(), recipe.lr, momentum=0.9,
+                                weight_decay=recipe.weight_decay, fused=fused)
     scaler = virtex.loss_scaler(device, recipe.amp)
     settings = dict(**dataclasses.asdict(recipe), image_size=image_size,
                     classes=len(splits.classes), images=len(splits.train), backbone=checksum(visual))

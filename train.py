@@ -260,8 +260,7 @@ def new_model(cfg, device):
     model = virtex.VirTex(cfg).to(device)
     if cfg.channels_last:  # NHWC: tensor-core convolutions (cuDNN, oneDNN) without transposes. Set
         model.to(memory_format=torch.channels_last)  # before the optimizer: its state follows
-    # Fused: one kernel for all parameters, on CPU too (there the toy step's optimizer part 3x faster)
-    optimizer = virtex.build_optimizer(model, cfg, fused=device.type in ("cuda", "cpu"))
+    optimizer = virtex.build_optimizer(model, cfg, fused=virtex.has_fused_kernels(device))
     return model, optimizer, virtex.loss_scaler(device, cfg.amp)
 
 
